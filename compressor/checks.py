@@ -1,0 +1,83 @@
+"""Correctness gates. Each returns the measured number and raises CheckFailed past its tolerance."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+from compressor.bert_params import student_parameters
+from compressor.data import Batch
+from compressor.errors import CheckFailed
+from compressor.forward import encode
+from compressor.masks import Masks
+from compressor.shapes import Shape, Vocab, param_count
+
+IDENTITY_ATOL = 1e-5
+SLIM_ATOL = 1e-4
+
+
+def max_diff_on_tokens(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    real = attention_mask.bool()
+    return float((a[real].float() - b[real].float()).abs().max())
+
+
+@torch.no_grad()
+def check_identity(teacher: nn.Module, student: nn.Module, batch: Batch, shape: Shape) -> float:
+    """Step 0: the student under full masks must reproduce the teacher's stock forward."""
+    ref = teacher(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+    )
+    ref_last = ref.hidden_states[-1]
+    out = encode(
+        student, batch.input_ids, batch.attention_mask, Masks.full(shape, batch.input_ids.device)
+    )
+    diff = max_diff_on_tokens(ref_last, out.hidden_states[-1], batch.attention_mask)
+    if diff > IDENTITY_ATOL:
+        raise CheckFailed(
+            f"step-0 identity: the student differs from the teacher by {diff:.3g}"
+            f" (last hidden state, tolerance {IDENTITY_ATOL})"
+        )
+    return diff
+
+
+@torch.no_grad()
+def check_slim_roundtrip(
+    masked_model: nn.Module, masks: Masks, slim_dir: Path, batch: Batch
+) -> float:
+    """The masked student and the saved, reloaded (stock AutoModel) slim model must agree."""
+    reloaded = AutoModel.from_pretrained(slim_dir).eval()
+    dev = next(masked_model.parameters()).device
+    ids, att = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+    ref = encode(masked_model, ids, att, masks.to(dev)).hidden_states[-1].cpu()
+    ref = ref[..., masks.hidden.cpu()]  # the masked student keeps the teacher's width
+    got = reloaded(input_ids=ids.cpu(), attention_mask=att.cpu()).last_hidden_state
+    diff = max_diff_on_tokens(ref, got, att.cpu())
+    if diff > SLIM_ATOL:
+        raise CheckFailed(
+            f"slim round-trip: the reloaded model in {slim_dir} differs from the masked student"
+            f" by {diff:.3g} (last hidden state, tolerance {SLIM_ATOL})"
+        )
+    return diff
+
+
+def check_param_count(model: nn.Module, shape: Shape, vocab: Vocab, mlm_head: bool) -> int:
+    """The slim model's parameter count must equal the closed-form count for its shape."""
+    has_pooler = any(n.endswith("pooler.dense.weight") for n, _ in model.named_parameters())
+    got = sum(p.numel() for p in student_parameters(model).values())
+    want = param_count(shape, vocab, pooler=has_pooler, mlm_head=mlm_head)
+    if got != want:
+        raise CheckFailed(
+            f"parameter count: slim model has {got}, the formula for {shape} says {want}"
+        )
+    return got
+
+
+def roundtrip_in_tempdir(save, masked_model: nn.Module, masks: Masks, batch: Batch) -> float:
+    """Save with `save(dir)` into a throwaway directory and run the round-trip check there."""
+    with tempfile.TemporaryDirectory(prefix="compress-preflight-") as d:
+        save(Path(d))
+        return check_slim_roundtrip(masked_model, masks, Path(d), batch)

@@ -1,0 +1,46 @@
+"""Typed errors. A user error carries its exit code; the CLI prints the message, never a traceback."""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base class of every error the CLI reports as a clean message."""
+
+    exit_code = 1
+
+
+class RecipeError(CompressError):
+    """A recipe failed validation. Carries every problem found, not only the first."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"recipe {source}: {len(problems)} {noun}\n{lines}")
+
+
+class TeacherError(CompressError):
+    """The teacher could not be found or is not a supported architecture."""
+
+    exit_code = 2
+
+
+class DataError(CompressError):
+    """The training text could not be found or is empty."""
+
+    exit_code = 2
+
+
+class CheckFailed(CompressError):
+    """A correctness gate failed (identity, slim round-trip, export verification...)."""
+
+    exit_code = 3
+
+
+class RunDirError(CompressError):
+    """A run directory is missing, incomplete or belongs to another recipe."""
+
+    exit_code = 2

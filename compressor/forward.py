@@ -1,0 +1,125 @@
+"""A functional forward pass of a BERT encoder under pruning masks.
+
+It computes exactly what the physically slimmed model will compute:
+- pruned Q/K/V rows, FFN neurons and hidden dims are zeroed in the activations;
+- LayerNorm statistics are taken over the kept hidden dims only;
+- attention scores keep the teacher's 1/sqrt(head_dim) (slimming folds the new scale into Q);
+- a layer being removed is faded to the identity: out = x + gate * (layer(x) - x).
+With `masks=None` it is the stock BERT forward (eval mode, no dropout): tests hold it to the
+transformers implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from compressor.bert_params import base_model, layer_tensors, mlm_head
+from compressor.masks import Masks
+
+
+@dataclass
+class EncoderOutput:
+    hidden_states: list[torch.Tensor]  # embeddings output, then each layer: [B, T, D]
+    attentions: list[torch.Tensor]  # each layer: [B, H, T, T] probabilities
+    logits: torch.Tensor | None  # MLM logits [B, T, V] when asked and the model has a head
+
+
+def masked_layer_norm(
+    x: torch.Tensor, ln: nn.LayerNorm, keep: torch.Tensor | None, all_kept: bool
+) -> torch.Tensor:
+    """LayerNorm over the kept dims only; pruned dims come out as exact zeros."""
+    if keep is None or all_kept:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    m = keep.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum(-1, keepdim=True) / n
+    centred = (x - mean) * m
+    var = (centred * centred).sum(-1, keepdim=True) / n
+    return centred * torch.rsqrt(var + ln.eps) * (ln.weight * m) + ln.bias * m
+
+
+def encode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    masks: Masks | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    with_logits: bool = False,
+) -> EncoderOutput:
+    base = base_model(model)
+    cfg = base.config
+    act = ACT2FN[cfg.hidden_act]
+    n_heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // n_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    bsz, seq = input_ids.shape
+
+    hid = masks.hidden if masks is not None else None
+    all_hidden = masks is None or bool(hid.all())
+    hmask = None if all_hidden else hid.to(base.embeddings.word_embeddings.weight.dtype)
+
+    def keep_hidden(x: torch.Tensor) -> torch.Tensor:
+        return x if hmask is None else x * hmask
+
+    emb = base.embeddings
+    positions = torch.arange(seq, device=input_ids.device)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    x = (
+        emb.word_embeddings(input_ids)
+        + emb.position_embeddings(positions)[None]
+        + emb.token_type_embeddings(token_type_ids)
+    )
+    x = masked_layer_norm(keep_hidden(x), emb.LayerNorm, hid, all_hidden)
+
+    key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    hidden_states, attentions = [x], []
+    for i in range(len(base.encoder.layer)):
+        t = layer_tensors(model, i)
+        q, k, v = t.q(x), t.k(x), t.v(x)
+        if masks is not None:
+            qk_rows, vo_rows = masks.qk_rows(i).to(x.dtype), masks.vo_rows(i).to(x.dtype)
+            q, k, v = q * qk_rows, k * qk_rows, v * vo_rows
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            return z.view(bsz, seq, n_heads, head_dim).transpose(1, 2)
+
+        scores = heads(q) @ heads(k).transpose(-1, -2) * scale + key_bias
+        probs = scores.softmax(-1)
+        context = (probs @ heads(v)).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
+        a = masked_layer_norm(keep_hidden(t.o(context)) + x, t.attn_ln, hid, all_hidden)
+        inner = act(t.inter(a))
+        if masks is not None:
+            inner = inner * masks.ffn[i].to(inner.dtype)
+        y = masked_layer_norm(keep_hidden(t.out(inner)) + a, t.out_ln, hid, all_hidden)
+        if masks is not None:
+            g = masks.gates[i]
+            if not bool(masks.layers[i]):
+                y = x + g * (y - x)  # fading out: gate 0 makes the layer the identity
+            elif g.requires_grad:
+                y = y + (g - g.detach()) * (y - x)  # same value, but dL/dgate for ranking
+        x = y
+        hidden_states.append(x)
+        attentions.append(probs)
+
+    logits = None
+    head = mlm_head(model)
+    if with_logits and head is not None:
+        tr = head.transform
+        z = masked_layer_norm(
+            keep_hidden(tr.transform_act_fn(tr.dense(x))), tr.LayerNorm, hid, all_hidden
+        )
+        logits = head.decoder(z)
+    return EncoderOutput(hidden_states, attentions, logits)
+
+
+def mean_pool(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers mean pooling over the real tokens."""
+    m = attention_mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)

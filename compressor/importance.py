@@ -1,0 +1,140 @@
+"""Importance scores: per-parameter sensitivity with EMA (+ optional uncertainty), then summed
+over the parameters each prunable structure spans.
+
+    I      = |theta * dL/dtheta|          (sensitivity; `magnitude` ablation: |theta|)
+    I_bar <- b1 * I_bar + (1 - b1) * I
+    U_bar <- b2 * U_bar + (1 - b2) * |I - I_bar|
+    score  = I_bar * U_bar                (PLATON, `uncertainty: true`), else I_bar
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
+
+
+@dataclass
+class EmaState:
+    i_bar: dict[str, torch.Tensor]
+    u_bar: dict[str, torch.Tensor]
+    steps: int = 0
+
+    @classmethod
+    def zeros_like(cls, params: dict[str, torch.Tensor]) -> EmaState:
+        return cls(
+            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()},
+            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()},
+        )
+
+    def to_dict(self) -> dict:
+        return {"i_bar": self.i_bar, "u_bar": self.u_bar, "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmaState:
+        return cls(d["i_bar"], d["u_bar"], int(d["steps"]))
+
+
+def instant_importance(param: torch.Tensor, grad: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """One step's importance of every entry of a tensor."""
+    if kind == "magnitude":
+        return param.detach().abs().float()
+    if grad is None:
+        return torch.zeros_like(param, dtype=torch.float32)
+    return (param.detach() * grad.detach()).abs().float()
+
+
+@torch.no_grad()
+def ema_update(
+    i_bar: torch.Tensor, u_bar: torch.Tensor, inst: torch.Tensor, b1: float, b2: float
+) -> None:
+    """In-place EMA of importance and of its uncertainty."""
+    i_bar.mul_(b1).add_(inst, alpha=1 - b1)
+    u_bar.mul_(b2).add_((inst - i_bar).abs_(), alpha=1 - b2)
+
+
+def magnitudes(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: instant_importance(p, None, "magnitude") for n, p in params.items()}
+
+
+def entry_scores(state: EmaState, uncertainty: bool) -> dict[str, torch.Tensor]:
+    """Final per-entry scores from the EMA state."""
+    if uncertainty:
+        return {n: state.i_bar[n] * state.u_bar[n] for n in state.i_bar}
+    return state.i_bar
+
+
+@torch.no_grad()
+def update_state(
+    state: EmaState, params: dict[str, torch.Tensor], kind: str, b1: float, b2: float
+) -> None:
+    for name, p in params.items():
+        ema_update(
+            state.i_bar[name], state.u_bar[name], instant_importance(p, p.grad, kind), b1, b2
+        )
+    state.steps += 1
+
+
+def with_magnitude_fallback(
+    scores: dict[str, torch.Tensor], magnitude: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Where a structure kind's sensitivity is all zero, rank it by weight magnitude instead.
+
+    At step 0 the student IS the teacher, so every distillation loss sits at its minimum and its
+    gradient is exactly 0: first-order sensitivity cannot rank anything until the first pruning
+    event moves the student (or an MLM loss is present). Our choice: fall back to magnitude.
+    """
+    return {k: magnitude[k] if not bool(v.abs().sum() > 0) else v for k, v in scores.items()}
+
+
+@torch.no_grad()
+def structure_scores(
+    model: nn.Module, entry: dict[str, torch.Tensor], head_dim: int
+) -> dict[str, torch.Tensor]:
+    """Sum entry scores over every tensor each structure spans (the coupling of masks.py)."""
+    by_tensor = {id(p): entry[n] for n, p in model.named_parameters() if n in entry}
+
+    def s(t: torch.Tensor) -> torch.Tensor:
+        return by_tensor[id(t)]
+
+    base = base_model(model)
+    n_layers = len(base.encoder.layer)
+    emb = base.embeddings
+    hidden = (
+        s(emb.word_embeddings.weight).sum(0)
+        + s(emb.position_embeddings.weight).sum(0)
+        + s(emb.token_type_embeddings.weight).sum(0)
+        + s(emb.LayerNorm.weight)
+        + s(emb.LayerNorm.bias)
+    )
+    qk, vo, ffn = [], [], []
+    for i in range(n_layers):
+        t = layer_tensors(model, i)
+        q_w, k_w, v_w, o_w = s(t.q.weight), s(t.k.weight), s(t.v.weight), s(t.o.weight)
+        n_heads = q_w.shape[0] // head_dim
+        qk.append((q_w.sum(1) + s(t.q.bias) + k_w.sum(1) + s(t.k.bias)).view(n_heads, head_dim))
+        vo.append((v_w.sum(1) + s(t.v.bias) + o_w.sum(0)).view(n_heads, head_dim))
+        in_w, out_w = s(t.inter.weight), s(t.out.weight)
+        ffn.append(in_w.sum(1) + s(t.inter.bias) + out_w.sum(0))
+        hidden += q_w.sum(0) + k_w.sum(0) + v_w.sum(0) + in_w.sum(0)
+        hidden += o_w.sum(1) + s(t.o.bias) + out_w.sum(1) + s(t.out.bias)
+        for ln in (t.attn_ln, t.out_ln):
+            hidden += s(ln.weight) + s(ln.bias)
+    p = pooler(model)
+    if p is not None and id(p.weight) in by_tensor:
+        hidden += s(p.weight).sum(0) + s(p.weight).sum(1) + s(p.bias)
+    head = mlm_head(model)
+    if head is not None:
+        d, ln = head.transform.dense, head.transform.LayerNorm
+        hidden += s(d.weight).sum(0) + s(d.weight).sum(1) + s(d.bias) + s(ln.weight) + s(ln.bias)
+    qk_t, vo_t = torch.stack(qk), torch.stack(vo)
+    return {
+        "hidden": hidden,
+        "qk": qk_t,
+        "vo": vo_t,
+        "heads": qk_t.sum(2) + vo_t.sum(2),
+        "ffn": torch.stack(ffn),
+    }

@@ -1,0 +1,172 @@
+"""Pruning masks: which structures of the student are still alive. Masks only ever shrink.
+
+Coupling (what moves together) is expressed here once:
+- FFN neuron j of layer l: row j + bias j of `intermediate.dense`, column j of `output.dense`.
+- Head h of layer l: its Q/K/V rows and its columns of `attention.output.dense`.
+- Q/K dim e of head h: row h*dh+e of Q and of K (they meet in the dot product).
+- V/O dim e of head h: row h*dh+e of V and column h*dh+e of `attention.output.dense`.
+- Hidden dim d: one global mask over every tensor that reads or writes the residual stream.
+- Layer l: a gate fading the layer to the identity; removed once its gate is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from compressor.bert_params import base_model as _base
+from compressor.bert_params import layer_tensors, mlm_head, pooler
+from compressor.shapes import Shape
+
+
+@dataclass(frozen=True)
+class Masks:
+    hidden: torch.Tensor  # [D] bool
+    heads: torch.Tensor  # [L, H] bool
+    qk: torch.Tensor  # [L, H, dh] bool (dims of Q and K inside each head)
+    vo: torch.Tensor  # [L, H, dh] bool (dims of V and O inside each head)
+    ffn: torch.Tensor  # [L, I] bool
+    layers: torch.Tensor  # [L] bool: False = chosen for removal (fading via gates)
+    gates: torch.Tensor  # [L] float: 1 = layer as trained, 0 = identity
+
+    @classmethod
+    def full(cls, s: Shape, device: torch.device | str = "cpu") -> Masks:
+        def ones(*shape):
+            return torch.ones(*shape, dtype=torch.bool, device=device)
+
+        return cls(
+            hidden=ones(s.hidden),
+            heads=ones(s.layers, s.heads),
+            qk=ones(s.layers, s.heads, s.head_dim),
+            vo=ones(s.layers, s.heads, s.head_dim),
+            ffn=ones(s.layers, s.ffn),
+            layers=ones(s.layers),
+            gates=torch.ones(s.layers, device=device),
+        )
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor], device="cpu") -> Masks:
+        return cls(**{f.name: d[f.name].to(device) for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> Masks:
+        return Masks(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def qk_rows(self, layer: int) -> torch.Tensor:
+        """Alive rows of Q and K of one layer, flattened to [H*dh] (head mask applied)."""
+        return (self.qk[layer] & self.heads[layer, :, None]).flatten()
+
+    def vo_rows(self, layer: int) -> torch.Tensor:
+        return (self.vo[layer] & self.heads[layer, :, None]).flatten()
+
+    def widths(self) -> Shape:
+        """Current alive widths (uniform by construction); a fading layer still counts."""
+        alive = self.heads
+        return Shape(
+            layers=int((self.layers | (self.gates > 0)).sum()),
+            hidden=int(self.hidden.sum()),
+            heads=int(alive.sum(1).min()),
+            head_dim=int(self.qk.sum(2).min()),
+            ffn=int(self.ffn.sum(1).min()),
+        )
+
+    def is_subset_of(self, other: Masks) -> bool:
+        """True when every structure alive here is alive in `other` (masks only shrink)."""
+        return all(
+            not bool((getattr(self, n) & ~getattr(other, n)).any())
+            for n in ("hidden", "heads", "qk", "vo", "ffn", "layers")
+        )
+
+
+def keep_top_k(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest-scoring alive entries along the last dim; dead entries never return.
+
+    Ties break towards the lower index, so decisions are deterministic.
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return alive.clone()
+    masked = torch.where(alive, scores.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+    # stable descending order: sort by (-score, index)
+    order = torch.argsort(-masked, dim=-1, stable=True)
+    keep = torch.zeros_like(alive)
+    keep.scatter_(-1, order[..., :k], True)
+    return keep & alive
+
+
+def prune_to(masks: Masks, scores: dict[str, torch.Tensor], w: Shape) -> Masks:
+    """Shrink every mask to the widths `w`, keeping the highest-scoring structures.
+
+    Widths are per weight matrix (same count in every layer / head), the paper's allocation.
+    Layers are not selected here (see `select_layers`).
+    """
+    heads = keep_top_k(scores["heads"], masks.heads, w.heads)
+    return replace(
+        masks,
+        hidden=keep_top_k(scores["hidden"], masks.hidden, w.hidden),
+        heads=heads,
+        qk=keep_top_k(scores["qk"], masks.qk, w.head_dim),
+        vo=keep_top_k(scores["vo"], masks.vo, w.head_dim),
+        ffn=keep_top_k(scores["ffn"], masks.ffn, w.ffn),
+    )
+
+
+def select_layers(layer_scores: torch.Tensor, keep: int, how: str) -> torch.Tensor:
+    """Which layers survive: the `keep` most sensitive, or evenly spaced (DistilBERT-style)."""
+    n = layer_scores.numel()
+    if how == "uniform":
+        idx = torch.tensor([(i + 1) * n // keep - 1 for i in range(keep)])
+        out = torch.zeros(n, dtype=torch.bool)
+        out[idx] = True
+        return out
+    return keep_top_k(layer_scores, torch.ones(n, dtype=torch.bool), keep)
+
+
+@torch.no_grad()
+def zero_pruned_weights(model: nn.Module, m: Masks) -> None:
+    """Write zeros into every pruned weight, so the optimizer's momentum cannot revive it."""
+    h = m.hidden
+    base = _base(model)
+    emb = base.embeddings
+    for e in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        e.weight[:, ~h] = 0
+    _zero_ln(emb.LayerNorm, h)
+    for i in range(m.heads.shape[0]):
+        t = layer_tensors(model, i)
+        qk, vo, f = m.qk_rows(i), m.vo_rows(i), m.ffn[i]
+        for lin, rows in ((t.q, qk), (t.k, qk), (t.v, vo)):
+            lin.weight[~rows] = 0
+            lin.bias[~rows] = 0
+            lin.weight[:, ~h] = 0
+        t.o.weight[:, ~vo] = 0
+        t.o.weight[~h] = 0
+        t.o.bias[~h] = 0
+        t.inter.weight[~f] = 0
+        t.inter.bias[~f] = 0
+        t.inter.weight[:, ~h] = 0
+        t.out.weight[:, ~f] = 0
+        t.out.weight[~h] = 0
+        t.out.bias[~h] = 0
+        _zero_ln(t.attn_ln, h)
+        _zero_ln(t.out_ln, h)
+    p = pooler(model)
+    if p is not None:
+        p.weight[~h] = 0
+        p.weight[:, ~h] = 0
+        p.bias[~h] = 0
+    head = mlm_head(model)
+    if head is not None:
+        d = head.transform.dense
+        d.weight[~h] = 0
+        d.weight[:, ~h] = 0
+        d.bias[~h] = 0
+        _zero_ln(head.transform.LayerNorm, h)
+
+
+def _zero_ln(ln: nn.LayerNorm, keep: torch.Tensor) -> None:
+    ln.weight[~keep] = 0
+    ln.bias[~keep] = 0

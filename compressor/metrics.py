@@ -1,0 +1,58 @@
+"""Metrics: one JSON object per line in the run dir, and the plot drawn from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends records; on resume, drops records written after the checkpoint it resumes from."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / METRICS
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def discrepancy_summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Start, peak and final teacher-student discrepancy on the held-out batch."""
+    d = [(r["step"], r["discrepancy"]) for r in records if "discrepancy" in r]
+    if not d:
+        return {}
+    peak_step, peak = max(d, key=lambda x: x[1])
+    return {"start": d[0][1], "peak": peak, "peak_step": peak_step, "final": d[-1][1]}
+
+
+def plot_run(records: list[dict[str, Any]], out: Path, title: str) -> None:
+    """Discrepancy and parameter count over steps, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in records if "discrepancy" in r]
+    tr = [r for r in records if "params" in r]
+    fig, ax1 = plt.subplots(figsize=(8, 4.5))
+    ax1.plot([r["step"] for r in ev], [r["discrepancy"] for r in ev], color="tab:red", marker=".")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel(ev[0]["discrepancy_kind"] if ev else "discrepancy", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot([r["step"] for r in tr], [r["params"] / 1e6 for r in tr], color="tab:blue")
+    ax2.set_ylabel("student parameters (M)", color="tab:blue")
+    ax1.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

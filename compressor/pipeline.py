@@ -1,0 +1,203 @@
+"""The orchestrator. Reads like the data flow:
+
+    recipe -> teacher -> student -> corpus -> preflight -> distill+prune -> slim -> check -> report
+
+Later stages (export, verify, benchmark, register) plug in after `slim`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from compressor import schedule
+from compressor.checks import (
+    check_identity,
+    check_param_count,
+    check_slim_roundtrip,
+    roundtrip_in_tempdir,
+)
+from compressor.data import Corpus
+from compressor.distill import distill, target_shape
+from compressor.environment import describe_environment, pick_device
+from compressor.errors import RecipeError, RunDirError
+from compressor.importance import magnitudes, structure_scores
+from compressor.masks import Masks, prune_to, select_layers
+from compressor.metrics import METRICS, discrepancy_summary, plot_run, read_metrics
+from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, teacher_problems
+from compressor.slim import PrunePlan, save_slim_model, slim
+from compressor.teacher import (
+    Teacher,
+    load_teacher,
+    read_teacher_config,
+    sentence_transformers_files,
+)
+
+RECIPE_FILE, ENV_FILE, PLAN_FILE, SUMMARY_FILE = (
+    "recipe.yaml",
+    "environment.json",
+    "plan.json",
+    "summary.json",
+)
+MODEL_DIR, PLOT_FILE = "model", "discrepancy.png"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def run(
+    recipe: Recipe | str | Path,
+    output: Path | None = None,
+    teacher: Teacher | None = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run a recipe end to end in a new run directory. `teacher` overrides the recipe's teacher
+    (tests use it for a randomly initialised BERT-base); `stop_after` ends training early."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
+    run_dir = new_run_dir(recipe, output)
+    (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    return _execute(recipe, run_dir, teacher, stop_after)
+
+
+def resume(
+    run_dir: Path, stop_after: int | None = None, teacher: Teacher | None = None
+) -> RunResult:
+    """Continue a run from its last checkpoint, with the recipe it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RECIPE_FILE).exists():
+        raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
+    if (run_dir / SUMMARY_FILE).exists():
+        raise RunDirError(f"{run_dir}: this run already finished (see {SUMMARY_FILE})")
+    recipe = parse_recipe(
+        yaml.safe_load((run_dir / RECIPE_FILE).read_text()), str(run_dir / RECIPE_FILE)
+    )
+    return _execute(recipe, run_dir, teacher, stop_after)
+
+
+def _execute(
+    recipe: Recipe, run_dir: Path, teacher: Teacher | None, stop_after: int | None
+) -> RunResult:
+    tr = recipe.train
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    torch.manual_seed(tr.seed)
+    device = pick_device(tr.device)
+    (run_dir / ENV_FILE).write_text(json.dumps(describe_environment(device), indent=2))
+    started = time.time()
+
+    teacher = teacher or load_teacher(recipe.teacher)
+    teacher.model.to(device)
+    student = make_student(teacher)
+    corpus = Corpus(recipe.data, teacher.tokenizer, tr.seed, tr.batch_size, tr.grad_accum)
+    checks = preflight(recipe, teacher, student, corpus, device)
+
+    result = distill(recipe, teacher, student, corpus, run_dir, device, stop_after)
+    if result.steps_done < tr.steps:
+        return RunResult(run_dir, {"stopped_at": result.steps_done})
+
+    plan = PrunePlan.from_masks(result.masks.to("cpu"), teacher.shape)
+    (run_dir / PLAN_FILE).write_text(plan.to_json())
+    slim_model = slim(student.cpu(), plan)
+    save_slim_model(slim_model, teacher.tokenizer, sentence_transformers_files(teacher.source_dir),
+                    run_dir / MODEL_DIR)  # fmt: skip
+    checks["masked_vs_slim_max_abs"] = check_slim_roundtrip(
+        student, result.masks.to("cpu"), run_dir / MODEL_DIR, corpus.heldout
+    )
+    n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
+
+    records = read_metrics(run_dir / METRICS)
+    plot_run(
+        records,
+        run_dir / PLOT_FILE,
+        f"{recipe.name}: {teacher.shape.label()} -> {plan.shape.label()}",
+    )
+    summary = {
+        "recipe": recipe.name,
+        "teacher": teacher.name,
+        "teacher_shape": teacher.shape.to_dict(),
+        "student_shape": plan.shape.to_dict(),
+        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+        "student_params": n_params,
+        "checks": checks,
+        "discrepancy": discrepancy_summary(records),
+        "steps": tr.steps,
+        "seconds": round(time.time() - started, 1),
+        "device": str(device),
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the finished model supersedes it
+    return RunResult(run_dir, summary)
+
+
+def check_against_teacher(recipe: Recipe, cfg: dict | None = None) -> None:
+    """Validate the target against the teacher's config before any weights load."""
+    cfg = cfg or read_teacher_config(recipe.teacher)
+    if cfg is not None:
+        problems = teacher_problems(recipe, cfg)
+        if problems:
+            raise RecipeError(recipe.name, problems)
+
+
+def new_run_dir(recipe: Recipe, output: Path | None) -> Path:
+    root = Path(output or recipe.output.dir) / recipe.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = root / stamp
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = root / f"{stamp}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def latest_run(root: Path) -> Path:
+    runs = sorted(root.glob(f"*/*/{RECIPE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RunDirError(f"no runs under {root}")
+    return runs[-1].parent
+
+
+def make_student(teacher: Teacher) -> torch.nn.Module:
+    """The student starts as an exact copy of the teacher."""
+    student = copy.deepcopy(teacher.model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.train()
+
+
+def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device) -> dict:
+    """Before training: the step-0 identity, and a throwaway slim at the target shape that must
+    round-trip through save + stock reload. Export problems show in minute one, not hour ten."""
+    batch = corpus.heldout.to(device)
+    identity = check_identity(teacher.model, student, batch, teacher.shape)
+    masks = magnitude_masks_at_target(recipe, teacher)
+    plan = PrunePlan.from_masks(masks, teacher.shape)
+    model = teacher.model.cpu()
+    diff = roundtrip_in_tempdir(
+        lambda d: save_slim_model(slim(model, plan), teacher.tokenizer, {}, d),
+        model,
+        masks,
+        corpus.heldout,
+    )
+    teacher.model.to(device)
+    return {"step0_identity_max_abs": identity, "preflight_slim_max_abs": diff}
+
+
+def magnitude_masks_at_target(recipe: Recipe, teacher: Teacher) -> Masks:
+    full, target = teacher.shape, target_shape(recipe)
+    entry = magnitudes(dict(teacher.model.named_parameters()))
+    scores = structure_scores(teacher.model, entry, full.head_dim)
+    widths = schedule.widths_at(0, full, target, "one_shot", 0, 0)
+    masks = prune_to(Masks.full(full), scores, widths)
+    kept = select_layers(torch.zeros(full.layers), target.layers, "uniform")
+    return Masks(**{**masks.__dict__, "layers": kept, "gates": kept.float()})

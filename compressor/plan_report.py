@@ -1,0 +1,64 @@
+"""`compress recipe check`: validate a recipe and describe what it will do, without weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor import schedule
+from compressor.distill import target_shape
+from compressor.errors import RecipeError
+from compressor.recipe import Recipe, load_recipe, teacher_problems
+from compressor.shapes import Shape, Vocab, param_count
+from compressor.teacher import read_teacher_config
+
+
+def plan_report(path: Path) -> str:
+    recipe = load_recipe(path)
+    cfg = read_teacher_config(recipe.teacher)
+    lines = [f"recipe {path}: valid", f"  name: {recipe.name}"]
+    target = target_shape(recipe)
+    if cfg is None:
+        lines.append(
+            f"  teacher: {recipe.teacher.id} ({recipe.teacher.source}) - config not reachable"
+            " offline; checks against the teacher run when it loads"
+        )
+        vocab = Vocab()
+        lines.append(f"  student: {target.label()}, {param_count(target, vocab) / 1e6:.1f}M params")
+        return "\n".join(lines)
+    problems = teacher_problems(recipe, cfg)
+    if problems:
+        raise RecipeError(str(path), problems)
+    full = Shape.of_config(cfg)
+    vocab = Vocab(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"])
+    mlm = any("MaskedLM" in a or "PreTraining" in a for a in cfg.get("architectures") or [])
+    n_t, n_s = param_count(full, vocab, mlm_head=mlm), param_count(target, vocab, mlm_head=mlm)
+    lines += [
+        f"  teacher: {recipe.teacher.id} ({recipe.teacher.source}) {full.label()},"
+        f" {n_t / 1e6:.1f}M params{' + MLM head' if mlm else ''}",
+        f"  student: {target.label()}, {n_s / 1e6:.1f}M params ({n_s / n_t:.1%} of the teacher)",
+        f"  schedule: {recipe.pruning.schedule}, steps {recipe.pruning.start_step}"
+        f"..{recipe.pruning.end_step} every {recipe.pruning.interval}, of {recipe.train.steps}",
+        "  widths along the schedule:",
+        "    step   layers hidden heads head_dim  ffn   params",
+    ]
+    p = recipe.pruning
+    span = p.end_step - p.start_step
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        step = p.start_step + round(frac * span)
+        w = schedule.widths_at(step, full, target, p.schedule, p.start_step, p.end_step)
+        lines.append(
+            f"    {step:>5}  {w.layers:>6} {w.hidden:>6} {w.heads:>5} {w.head_dim:>8}"
+            f" {w.ffn:>5} {param_count(w, vocab, mlm_head=mlm) / 1e6:>7.1f}M"
+        )
+    lines.append(f"  training memory (rough, fp32): {memory_estimate_gb(recipe, full, n_t):.1f} GB")
+    return "\n".join(lines)
+
+
+def memory_estimate_gb(r: Recipe, full: Shape, n_params: int) -> float:
+    """Teacher weights + student weights, grads, AdamW moments and importance EMAs (x6), plus
+    the student's saved activations for one micro-batch. A rough guide, not a promise."""
+    b, t = r.train.batch_size, r.data.max_length
+    per_layer = b * t * (12 * full.hidden + 3 * full.ffn) + 3 * b * full.heads * t * t
+    activations = full.layers * per_layer * 4
+    maps = (full.layers + 1) * full.hidden**2 * 4 * 4
+    return (n_params * 4 * 7 + maps + activations) / 1e9

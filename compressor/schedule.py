@@ -1,0 +1,68 @@
+"""The pruning schedule as pure functions of the step.
+
+`remaining(t)` is the fraction of the way from the target back to the full width: 1 before
+`start`, 0 from `end` on. Widths interpolate between teacher and target with it, so every
+structure kind shrinks by the same fraction at the same time (the paper's uniform allocation).
+"""
+
+from __future__ import annotations
+
+from compressor.shapes import Shape
+
+
+def remaining(step: int, kind: str, start: int, end: int) -> float:
+    """Fraction of the prunable excess still present after the pruning event at `step`."""
+    if kind == "one_shot":
+        return 1.0 if step < start else 0.0
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    progress = (step - start) / (end - start)
+    if kind == "cubic":
+        return (1.0 - progress) ** 3
+    if kind == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown schedule kind {kind!r}")
+
+
+def is_pruning_step(step: int, start: int, end: int, interval: int, kind: str) -> bool:
+    """Pruning events: every `interval` steps in [start, end], and always at `end` itself."""
+    if kind == "one_shot":
+        return step == start
+    return start <= step <= end and ((step - start) % interval == 0 or step == end)
+
+
+def widths_at(step: int, full: Shape, target: Shape, kind: str, start: int, end: int) -> Shape:
+    """Keep-counts of every structure kind after the pruning event at `step`.
+
+    Rounded to whole structures; never below the target, never above the full width. Layers are
+    not counted down: they fade (see `layer_gate`) and are removed when the gate reaches 0.
+    """
+    r = remaining(step, kind, start, end)
+
+    def lerp(full_w: int, target_w: int) -> int:
+        return max(target_w, min(full_w, target_w + round((full_w - target_w) * r)))
+
+    return Shape(
+        layers=full.layers if r > 0 else target.layers,
+        hidden=lerp(full.hidden, target.hidden),
+        heads=lerp(full.heads, target.heads),
+        head_dim=lerp(full.head_dim, target.head_dim),
+        ffn=lerp(full.ffn, target.ffn),
+    )
+
+
+def layer_gate(step: int, kind: str, start: int, end: int) -> float:
+    """Gate of a layer chosen for removal: 1 = the layer as trained, 0 = identity (removable).
+
+    Follows the same curve as the widths, so depth fades out alongside width (our extension).
+    """
+    return remaining(step, kind, start, end)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up then linear decay to 0 at `total`."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr * max(0.0, (total - step) / max(1, total - warmup))

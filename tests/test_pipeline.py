@@ -1,0 +1,109 @@
+"""End to end on the real packaged teacher and real text (tiny recipe), and resume == no resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from compressor import pipeline
+from compressor.metrics import read_metrics
+from compressor.recipe import load_recipe
+from compressor.shapes import Shape, Vocab, param_count
+from tests.conftest import RECIPES
+
+TINY = RECIPES / "tiny-test.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return pipeline.run(TINY, output=out)
+
+
+def test_run_writes_the_expected_files(finished):
+    d = finished.run_dir
+    names = {p.name for p in d.iterdir()}
+    assert {"recipe.yaml", "environment.json", "metrics.jsonl", "plan.json", "summary.json",
+            "discrepancy.png", "model"} <= names  # fmt: skip
+    assert "checkpoint.pt" not in names  # superseded by the finished model
+    model_files = {p.name for p in (d / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json"} <= model_files
+    pooling = json.loads((d / "model" / "1_Pooling" / "config.json").read_text())
+    assert pooling["word_embedding_dimension"] == 128
+
+
+def test_slim_model_has_the_target_shape_and_formula_count(finished):
+    model = AutoModel.from_pretrained(finished.run_dir / "model")
+    assert Shape.of_config(model.config) == Shape(2, 128, 4, 32, 256)
+    n = sum(p.numel() for p in model.parameters())
+    assert (
+        n == param_count(Shape(2, 128, 4, 32, 256), Vocab()) == finished.summary["student_params"]
+    )
+
+
+def test_checks_and_discrepancy_curve(finished):
+    s = finished.summary
+    assert s["checks"]["step0_identity_max_abs"] <= 1e-5
+    assert s["checks"]["masked_vs_slim_max_abs"] <= 1e-4
+    records = read_metrics(finished.run_dir / "metrics.jsonl")
+    disc = [r for r in records if "discrepancy" in r]
+    assert disc[0]["step"] == 0 and disc[0]["discrepancy"] < 1e-6
+    assert disc[-1]["step"] == 8
+    assert s["discrepancy"]["final"] > 0  # it was pruned to 19% of its size: not free
+    widths = [r["hidden"] for r in records if "hidden" in r]
+    assert widths == sorted(widths, reverse=True) and widths[-1] == 128
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(finished, tmp_path):
+    stopped = pipeline.run(TINY, output=tmp_path, stop_after=3)
+    assert stopped.summary == {"stopped_at": 3}
+    assert (stopped.run_dir / "checkpoint.pt").exists()
+    resumed = pipeline.resume(stopped.run_dir)
+    a = load_file(finished.run_dir / "model" / "model.safetensors")
+    b = load_file(resumed.run_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    steps = [
+        r["step"]
+        for r in read_metrics(resumed.run_dir / "metrics.jsonl")
+        if "loss" in r or "total" in r
+    ]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_resume_refuses_a_finished_run(finished):
+    from compressor.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="already finished"):
+        pipeline.resume(finished.run_dir)
+
+
+def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_tokenizer):
+    """A random BERT-base BertForMaskedLM through bert-base-to-6L384.yaml's schedule, compressed
+    into 4 steps, slims to 6L/384H/12A/1536I with the formula's parameter count."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from compressor.teacher import Teacher, freeze
+
+    recipe = load_recipe(RECIPES / "bert-base-to-6L384.yaml")
+    recipe = recipe.model_copy(update={
+        "data": recipe.data.model_copy(update={"source": "wiki_summaries", "streaming": False,
+                                               "name": None, "max_length": 24, "heldout": 2}),
+        "pruning": recipe.pruning.model_copy(update={"start_step": 0, "end_step": 3, "interval": 1}),
+        "train": recipe.train.model_copy(update={"steps": 4, "batch_size": 2, "grad_accum": 1,
+                                                 "device": "cpu", "precision": "fp32",
+                                                 "warmup_steps": 1, "eval_every": 2, "log_every": 1}),
+    })  # fmt: skip
+    torch.manual_seed(0)
+    cfg = BertConfig(architectures=["BertForMaskedLM"])  # defaults = BERT-base
+    teacher = freeze(Teacher(BertForMaskedLM(cfg), packaged_tokenizer, None, "random-bert-base"))
+    assert teacher.shape == Shape(12, 768, 12, 64, 3072)
+    res = pipeline.run(recipe, output=tmp_path, teacher=teacher)
+    want = Shape(6, 384, 12, 32, 1536)
+    assert Shape(**res.summary["student_shape"]) == want
+    assert res.summary["student_params"] == param_count(want, Vocab(), pooler=False, mlm_head=True)
+    assert res.summary["checks"]["masked_vs_slim_max_abs"] <= 1e-4
+    plan = json.loads((res.run_dir / "plan.json").read_text())
+    assert len(plan["layers"]) == 6 and all(len(h) == 12 for h in plan["heads"])
