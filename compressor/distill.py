@@ -67,7 +67,7 @@ def distill(
     device: torch.device,
     stop_after: int | None = None,
 ) -> DistillResult:
-    p, tr = recipe.pruning, recipe.train
+    r, p, tr = recipe, recipe.pruning, recipe.train
     full, target = teacher.shape, target_shape(recipe)
     params = student_parameters(student)
     maps = HiddenMaps(full.layers + 1, full.hidden).to(device)
@@ -123,12 +123,14 @@ def distill(
                                    with_logits=teacher.has_mlm_head)  # fmt: skip
                 with autocast:
                     s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
-                                   with_logits=teacher.has_mlm_head)  # fmt: skip
+                                   with_logits=teacher.has_mlm_head,
+                                   dropout=r.distill.student_dropout)  # fmt: skip
                     losses = loss_terms(recipe, t_out, s_out, maps, masks, batch)
                     total = weighted_total(recipe, losses) / tr.grad_accum
                 total.backward()
                 for k, v in {**losses, "total": total * tr.grad_accum}.items():
-                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / tr.grad_accum
+                    key = f"loss_{k}"
+                    terms[key] = terms.get(key, 0.0) + float(v.detach()) / tr.grad_accum
             torch.nn.utils.clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
 
             # 2. importance from this step's gradients, then the optimizer step
@@ -170,7 +172,7 @@ def distill(
                 ev = evaluate(done, teacher, student, maps, replace(masks, gates=gates.detach()),
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
-                bar.set_postfix(loss=f"{terms['total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
+                bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
                                 params=f"{n_params / 1e6:.1f}M")  # fmt: skip
             if done % tr.checkpoint_every == 0 or interrupted() or done == last:
                 checkpoint(done)

@@ -51,6 +51,7 @@ def encode(
     masks: Masks | None = None,
     token_type_ids: torch.Tensor | None = None,
     with_logits: bool = False,
+    dropout: float = 0.0,
 ) -> EncoderOutput:
     base = base_model(model)
     cfg = base.config
@@ -67,6 +68,9 @@ def encode(
     def keep_hidden(x: torch.Tensor) -> torch.Tensor:
         return x if hmask is None else x * hmask
 
+    def drop(x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, dropout) if dropout else x
+
     emb = base.embeddings
     positions = torch.arange(seq, device=input_ids.device)
     if token_type_ids is None:
@@ -77,6 +81,8 @@ def encode(
         + emb.token_type_embeddings(token_type_ids)
     )
     x = masked_layer_norm(keep_hidden(x), emb.LayerNorm, hid, all_hidden)
+    if dropout:
+        x = F.dropout(x, dropout)
 
     key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
     hidden_states, attentions = [x], []
@@ -92,12 +98,13 @@ def encode(
 
         scores = heads(q) @ heads(k).transpose(-1, -2) * scale + key_bias
         probs = scores.softmax(-1)
-        context = (probs @ heads(v)).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
-        a = masked_layer_norm(keep_hidden(t.o(context)) + x, t.attn_ln, hid, all_hidden)
+        dropped = F.dropout(probs, dropout) if dropout else probs
+        context = (dropped @ heads(v)).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
+        a = masked_layer_norm(keep_hidden(drop(t.o(context))) + x, t.attn_ln, hid, all_hidden)
         inner = act(t.inter(a))
         if masks is not None:
             inner = inner * masks.ffn[i].to(inner.dtype)
-        y = masked_layer_norm(keep_hidden(t.out(inner)) + a, t.out_ln, hid, all_hidden)
+        y = masked_layer_norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln, hid, all_hidden)
         if masks is not None:
             g = masks.gates[i]
             if not bool(masks.layers[i]):

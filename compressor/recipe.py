@@ -85,6 +85,9 @@ class DistillSpec(_Frozen):
     attention: float = Field(1.0, ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    student_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="dropout in the student's training forward (not in eval)"
+    )
 
 
 class TrainSpec(_Frozen):
