@@ -47,6 +47,41 @@ def run_cmd(recipe: Path | None, resume_dir: Path | None, output: Path | None) -
     click.echo(f"run directory: {result.run_dir}")
 
 
+@main.command("export")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--onnx", is_flag=True, help="Export to ONNX and verify it with onnxruntime.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              help="Where to look for the latest run when RUN_DIR is not given.")  # fmt: skip
+def export_cmd(run_dir: Path | None, onnx: bool, no_bench: bool, runs: Path) -> None:
+    """Export a finished run (default: the latest) to ONNX, verify it, benchmark it."""
+    from compressor import pipeline
+
+    if not onnx:
+        raise click.UsageError("choose a format: --onnx")
+    run_dir = run_dir or pipeline.latest_run(runs)
+    summary = pipeline.deploy(run_dir, bench=False if no_bench else None)
+    click.echo(
+        json.dumps({k: summary[k] for k in ("export", "benchmark") if k in summary}, indent=2)
+    )
+    click.echo(f"run directory: {run_dir}")
+
+
+@main.command("bench")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print benchmark.json instead of a table.")
+def bench_cmd(run_dir: Path, as_json: bool) -> None:
+    """Re-run the student-vs-teacher latency benchmark of RUN_DIR."""
+    from compressor.bench import format_table
+    from compressor.deploy import bench_run
+    from compressor.pipeline import load_run_recipe
+    from compressor.teacher import load_teacher
+
+    recipe = load_run_recipe(run_dir)
+    result = bench_run(recipe, run_dir, load_teacher(recipe.teacher))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 @main.group("recipe")
 def recipe_group() -> None:
     """Inspect recipes."""

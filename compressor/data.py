@@ -97,6 +97,7 @@ class Corpus:
             texts = [texts[i] for i in order.tolist()]
             held, train = texts[: spec.heldout], texts[spec.heldout :]
             self.train_ids = self._tokenize(train)
+        self.heldout_texts: list[str] = held
         self.heldout = self.collate(self._tokenize(held))
 
     def _read_all(self) -> list[str]:

@@ -11,6 +11,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -142,6 +143,9 @@ def distill(
 
             # 3. on pruning steps, shrink the masks to the schedule's widths (never grow them)
             if schedule.is_pruning_step(step, p.start_step, p.end_step, p.interval, p.schedule):
+                if p.importance == "sensitivity" and p.probe_batches and importance.is_blind():
+                    probe_importance(recipe, teacher, student, maps, masks, corpus, step, device,
+                                     importance, {**params, GATES: gates})  # fmt: skip
                 scores = entry_scores(importance, p.uncertainty)
                 if not layers_chosen and target.layers < full.layers:
                     kept = select_layers(scores[GATES].cpu(), target.layers, p.layer_selection)
@@ -179,6 +183,35 @@ def distill(
             if interrupted():
                 raise KeyboardInterrupt
     return DistillResult(replace(masks, gates=gates.detach()), maps, last)
+
+
+def probe_importance(
+    r: Recipe,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    masks: Masks,
+    corpus: Corpus,
+    step: int,
+    device: torch.device,
+    importance: EmaState,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Seed sensitivity while it is blind. As long as the student equals the teacher every loss
+    is at its minimum and its gradient is exactly 0; a few forward/backward passes with dropout in
+    the student give |theta * grad| a signal. Nothing is updated but the importance state."""
+    p = r.pruning
+    for micro_batches in islice(corpus.batches(step), p.probe_batches):
+        batch = prepare(micro_batches[0], teacher, r, step, 0).to(device)
+        with torch.no_grad():
+            t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
+                           with_logits=teacher.has_mlm_head)  # fmt: skip
+        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
+                       with_logits=teacher.has_mlm_head, dropout=p.probe_dropout)  # fmt: skip
+        weighted_total(r, loss_terms(r, t_out, s_out, maps, masks, batch)).backward()
+        update_state(importance, tensors, "sensitivity", p.beta1, p.beta2)
+        for t in [*tensors.values(), *maps.parameters()]:
+            t.grad = None
 
 
 def make_optimizer(params: dict, maps: HiddenMaps, r: Recipe) -> torch.optim.Optimizer:

@@ -30,6 +30,10 @@ class EmaState:
             {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()},
         )
 
+    def is_blind(self) -> bool:
+        """True while no gradient has ever been non-zero (the student still equals the teacher)."""
+        return not any(bool(v.any()) for v in self.i_bar.values())
+
     def to_dict(self) -> dict:
         return {"i_bar": self.i_bar, "u_bar": self.u_bar, "steps": self.steps}
 

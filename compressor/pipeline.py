@@ -24,6 +24,7 @@ from compressor.checks import (
     roundtrip_in_tempdir,
 )
 from compressor.data import Corpus
+from compressor.deploy import HELDOUT_FILE, bench_run, export_and_verify
 from compressor.distill import distill, target_shape
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import RecipeError, RunDirError
@@ -78,10 +79,7 @@ def resume(
         raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
     if (run_dir / SUMMARY_FILE).exists():
         raise RunDirError(f"{run_dir}: this run already finished (see {SUMMARY_FILE})")
-    recipe = parse_recipe(
-        yaml.safe_load((run_dir / RECIPE_FILE).read_text()), str(run_dir / RECIPE_FILE)
-    )
-    return _execute(recipe, run_dir, teacher, stop_after)
+    return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after)
 
 
 def _execute(
@@ -99,6 +97,7 @@ def _execute(
     teacher.model.to(device)
     student = make_student(teacher)
     corpus = Corpus(recipe.data, teacher.tokenizer, tr.seed, tr.batch_size, tr.grad_accum)
+    (run_dir / HELDOUT_FILE).write_text(json.dumps(corpus.heldout_texts))
     checks = preflight(recipe, teacher, student, corpus, device)
 
     result = distill(recipe, teacher, student, corpus, run_dir, device, stop_after)
@@ -136,6 +135,8 @@ def _execute(
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the finished model supersedes it
+    if recipe.export.onnx:
+        summary = deploy(run_dir, teacher)
     return RunResult(run_dir, summary)
 
 
@@ -201,3 +202,35 @@ def magnitude_masks_at_target(recipe: Recipe, teacher: Teacher) -> Masks:
     masks = prune_to(Masks.full(full), scores, widths)
     kept = select_layers(torch.zeros(full.layers), target.layers, "uniform")
     return Masks(**{**masks.__dict__, "layers": kept, "gates": kept.float()})
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run was started with."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.exists():
+        raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
+    return parse_recipe(yaml.safe_load(path.read_text()), str(path))
+
+
+def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = None) -> dict:
+    """Export -> verify (a gate) -> benchmark for a finished run; updates summary.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY_FILE).exists():
+        raise RunDirError(f"{run_dir}: training has not finished (no {SUMMARY_FILE})")
+    recipe = load_run_recipe(run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary.pop("benchmark", None)
+    summary.pop("export", None)  # a failed export must not leave an older success behind
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    summary["export"] = export_and_verify(recipe, run_dir)
+    if recipe.bench.enabled if bench is None else bench:
+        result = bench_run(recipe, run_dir, teacher or load_teacher(recipe.teacher))
+        summary["benchmark"] = {
+            f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
+                "speedup_p50": r["speedup_p50"],
+                "flop_ratio": r["flop_ratio"],
+            }
+            for r in result["results"]
+        }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

@@ -73,6 +73,10 @@ class PruningSpec(_Frozen):
     end_step: int = Field(ge=0)
     interval: int = Field(10, ge=1)
     layer_selection: Literal["sensitivity", "uniform"] = "sensitivity"
+    probe_batches: int = Field(
+        4, ge=0, description="dropout batches that seed sensitivity while the loss is still 0"
+    )
+    probe_dropout: float = Field(0.1, gt=0.0, lt=1.0)
 
 
 class DistillSpec(_Frozen):
@@ -86,7 +90,7 @@ class DistillSpec(_Frozen):
     temperature: float = Field(1.0, gt=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     student_dropout: float = Field(
-        0.1, ge=0.0, lt=1.0, description="dropout in the student's training forward (not in eval)"
+        0.0, ge=0.0, lt=1.0, description="dropout in the student's training forward (not in eval)"
     )
 
 
@@ -109,6 +113,34 @@ class TrainSpec(_Frozen):
     checkpoint_every: int = Field(50, ge=1)
 
 
+class ExportSpec(_Frozen):
+    """ONNX export and its verification gate (fp32 always checked; int8 optional)."""
+
+    onnx: bool = True
+    int8: bool = False
+    atol: float = Field(1e-4, ge=0.0)
+    rtol: float = Field(1e-4, ge=0.0)
+    min_agreement: float = Field(0.9999, ge=0.0, le=1.0, description="cosine / top-1, fp32")
+    int8_atol: float = Field(1.0, ge=0.0)
+    int8_rtol: float = Field(0.0, ge=0.0)
+    int8_min_agreement: float = Field(0.98, ge=0.0, le=1.0)
+    batch_sizes: tuple[int, ...] = Field((1, 4), min_length=1)
+    seq_lengths: tuple[int, ...] = Field((16, 128), min_length=1)
+
+
+class BenchSpec(_Frozen):
+    """Latency of student vs teacher, each timed in its own process."""
+
+    enabled: bool = True
+    batch_sizes: tuple[int, ...] = Field((1,), min_length=1)
+    seq_lengths: tuple[int, ...] = Field((128,), min_length=1)
+    threads: int = Field(2, ge=1)
+    warmup: int = Field(5, ge=0)
+    iters: int = Field(30, ge=1)
+    rounds: int = Field(2, ge=1)
+    torch_baseline: bool = True
+
+
 class OutputSpec(_Frozen):
     dir: str = "runs"
 
@@ -121,6 +153,8 @@ class Recipe(_Frozen):
     pruning: PruningSpec
     distill: DistillSpec = DistillSpec()
     train: TrainSpec
+    export: ExportSpec = ExportSpec()
+    bench: BenchSpec = BenchSpec()
     output: OutputSpec = OutputSpec()
 
 
@@ -178,6 +212,10 @@ def cross_field_problems(r: Recipe) -> list[str]:
         p.append("data.streaming: only a hub dataset streams; local text is read into memory")
     if len(set(r.pruning.structures)) != len(r.pruning.structures):
         p.append("pruning.structures: lists a structure twice")
+    if r.bench.enabled and not r.export.onnx:
+        p.append("bench.enabled: the benchmark times the ONNX export; set export.onnx: true")
+    if max(r.export.seq_lengths + r.bench.seq_lengths) > 4096:
+        p.append("export.seq_lengths / bench.seq_lengths: longer than any BERT position table")
     if r.distill.mlm + r.distill.prediction + r.distill.hidden + r.distill.attention == 0:
         p.append("distill: every loss weight is 0; nothing would be learned")
     return p

@@ -56,6 +56,20 @@ def tiny_batch(vocab: int = 120, batch: int = 3, seq: int = 12, seed: int = 1):
     return ids, att
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Teacher ONNX exports are cached per session, not in the user's cache."""
+    os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("compress-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real run of recipes/tiny-test.yaml (packaged teacher, real text), shared by tests."""
+    from compressor import pipeline
+
+    return pipeline.run(RECIPES / "tiny-test.yaml", output=tmp_path_factory.mktemp("runs"))
+
+
 @pytest.fixture(scope="session")
 def packaged_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source(PACKAGED))

@@ -42,3 +42,14 @@ def test_magnitude_fallback_only_where_sensitivity_is_blind():
     mag = {"ffn": torch.ones(2, 3), "hidden": torch.tensor([5.0, 0.0])}
     out = with_magnitude_fallback(sens, mag)
     assert torch.equal(out["ffn"], mag["ffn"]) and torch.equal(out["hidden"], sens["hidden"])
+
+
+def test_state_is_blind_until_a_gradient_is_non_zero():
+    p = torch.nn.Parameter(torch.ones(3))
+    state = EmaState.zeros_like({"p": p})
+    p.grad = torch.zeros(3)  # the student equals the teacher: loss at its minimum
+    update_state(state, {"p": p}, "sensitivity", 0.85, 0.95)
+    assert state.is_blind()
+    p.grad = torch.tensor([0.0, 1e-3, 0.0])
+    update_state(state, {"p": p}, "sensitivity", 0.85, 0.95)
+    assert not state.is_blind()

@@ -17,16 +17,18 @@ TINY = RECIPES / "tiny-test.yaml"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    return pipeline.run(TINY, output=out)
+def finished(tiny_run):
+    return tiny_run
 
 
 def test_run_writes_the_expected_files(finished):
     d = finished.run_dir
     names = {p.name for p in d.iterdir()}
     assert {"recipe.yaml", "environment.json", "metrics.jsonl", "plan.json", "summary.json",
-            "discrepancy.png", "model"} <= names  # fmt: skip
+            "discrepancy.png", "model", "onnx", "verify.json", "benchmark.json", "heldout.json"} <= names  # fmt: skip
+    assert finished.summary["export"]["verify"]["model.onnx"]["passed"] is True
+    bench = json.loads((d / "benchmark.json").read_text())
+    assert {r["runtime"] for r in bench["results"]} == {"onnxruntime"}
     assert "checkpoint.pt" not in names  # superseded by the finished model
     model_files = {p.name for p in (d / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json"} <= model_files

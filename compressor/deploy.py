@@ -1,0 +1,122 @@
+"""The deployment stages of a finished run: export -> verify (a gate) -> benchmark.
+
+Used by `compress run` at the end and by `compress export --onnx` / `compress bench` on an existing
+run directory. The teacher's ONNX export is cached per teacher, so the latency comparison is
+ONNX vs ONNX without re-exporting the teacher every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.bench import BENCH_FILE, benchmark, write_benchmark
+from compressor.export import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8, save_samples
+from compressor.recipe import Recipe
+from compressor.shapes import Shape
+from compressor.teacher import Teacher
+from compressor.verify import VERIFY_FILE, Tolerance, verify_export, write_and_gate
+
+ONNX_DIR, MODEL_DIR, HELDOUT_FILE = "onnx", "model", "heldout.json"
+
+
+def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Export the slim model, save samples + references, verify fp32 (and int8). Raises
+    CheckFailed when any check fails; verify.json is written either way."""
+    e = recipe.export
+    onnx_dir = run_dir / ONNX_DIR
+    report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8)
+    texts = json.loads((run_dir / HELDOUT_FILE).read_text())
+    save_samples(onnx_dir, run_dir / MODEL_DIR, texts, e.batch_sizes, e.seq_lengths)
+    reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
+    if e.int8:
+        tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
+        reports.append(verify_export(onnx_dir, INT8_FILE, tol))
+    write_and_gate(reports, run_dir / VERIFY_FILE)
+    return {**report, "verify": summarize(reports)}
+
+
+def verify_again(run_dir: Path) -> dict[str, Any]:
+    """Re-run the stored check on the stored samples (no PyTorch weights needed)."""
+    from compressor.pipeline import load_run_recipe
+
+    e = load_run_recipe(run_dir).export
+    onnx_dir = run_dir / ONNX_DIR
+    reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
+    if (onnx_dir / INT8_FILE).exists():
+        tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
+        reports.append(verify_export(onnx_dir, INT8_FILE, tol))
+    write_and_gate(reports, run_dir / VERIFY_FILE)
+    return summarize(reports)
+
+
+def summarize(reports) -> dict[str, Any]:
+    out = {}
+    for r in reports:
+        values = [c for c in r.checks if "max_abs_diff" in c]
+        agree = next(c for c in r.checks if "min" in c)
+        out[r.model] = {
+            "passed": r.passed,
+            "max_abs_diff": max(c["max_abs_diff"] for c in values) if values else None,
+            **{k: v for k, v in agree.items() if k != "min"},
+        }
+    return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def teacher_key(teacher: Teacher) -> str:
+    """Content key of a teacher: its config and a checksum of every weight."""
+    h = hashlib.sha256(teacher.model.config.to_json_string().encode())
+    with torch.no_grad():
+        for name, p in sorted(teacher.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(f"{float(p.double().sum()):.10e}".encode())
+    return f"{teacher.name.replace('/', '--')}-{h.hexdigest()[:12]}"
+
+
+def cached_teacher_export(teacher: Teacher, int8: bool) -> Path:
+    """HF dir + ONNX export of the teacher, built once per teacher content."""
+    d = cache_root() / "teachers" / teacher_key(teacher)
+    hf_dir, onnx_dir = d / "hf", d / "onnx"
+    if not (onnx_dir / ONNX_FILE).exists():
+        teacher.model.cpu().save_pretrained(hf_dir, safe_serialization=True)
+        teacher.tokenizer.save_pretrained(hf_dir)
+        export_onnx(hf_dir, onnx_dir, int8=False)
+    if int8 and not (onnx_dir / INT8_FILE).exists():
+        quantize_int8(onnx_dir / ONNX_FILE, onnx_dir / INT8_FILE)
+    return d
+
+
+def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]:
+    """Student vs teacher latency; writes benchmark.json."""
+    b = recipe.bench
+    t_dir = cached_teacher_export(teacher, recipe.export.int8)
+    s_onnx = run_dir / ONNX_DIR
+    models: dict[str, dict[str, str]] = {
+        "teacher": {"onnxruntime": str(t_dir / "onnx" / ONNX_FILE)},
+        "student": {"onnxruntime": str(s_onnx / ONNX_FILE)},
+    }
+    if recipe.export.int8:
+        models["teacher"]["onnxruntime_int8"] = str(t_dir / "onnx" / INT8_FILE)
+        models["student"]["onnxruntime_int8"] = str(s_onnx / INT8_FILE)
+    if b.torch_baseline:
+        models["teacher"]["torch"] = str(t_dir / "hf")
+        models["student"]["torch"] = str(run_dir / MODEL_DIR)
+    from transformers import AutoConfig
+
+    shapes = {
+        "teacher": teacher.shape,
+        "student": Shape.of_config(AutoConfig.from_pretrained(run_dir / MODEL_DIR)),
+    }
+    grid = [(bs, sl) for bs in b.batch_sizes for sl in b.seq_lengths]
+    result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds)
+    write_benchmark(result, run_dir / BENCH_FILE)
+    return result

@@ -1,0 +1,138 @@
+"""ONNX export of a slim (or teacher) model directory, with the samples a later check needs.
+
+optimum's exporter (optimum-onnx, `library_name="transformers"`) is the main path; when it fails,
+`torch.onnx.export` is the fallback and the report says which one ran. The export directory is
+loadable as-is by optimum's ORTModelForFeatureExtraction / ORTModelForMaskedLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+from compressor.errors import CheckFailed
+
+ONNX_FILE, INT8_FILE = "model.onnx", "model_int8.onnx"
+SAMPLES_FILE, EXPORT_REPORT = "samples.safetensors", "export.json"
+
+
+def task_of(model_dir: Path) -> str:
+    archs = AutoConfig.from_pretrained(model_dir).architectures or []
+    return "fill-mask" if any("MaskedLM" in a for a in archs) else "feature-extraction"
+
+
+def load_reference(model_dir: Path, task: str) -> torch.nn.Module:
+    cls = AutoModelForMaskedLM if task == "fill-mask" else AutoModel
+    return cls.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def export_onnx(model_dir: Path, out_dir: Path, int8: bool = False) -> dict[str, Any]:
+    """Export `model_dir` to `out_dir/model.onnx` (+ tokenizer and config); optionally int8."""
+    task = task_of(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(model_dir), output=out_dir, task=task, library_name="transformers",
+                    do_validation=False, device="cpu")  # fmt: skip
+        exporter = "optimum"
+    except Exception as err:
+        exporter = f"torch.onnx (optimum failed: {type(err).__name__}: {err})"
+        _torch_export(model_dir, out_dir, task)
+    if not (out_dir / ONNX_FILE).exists():
+        raise CheckFailed(f"export: no {ONNX_FILE} was written to {out_dir}")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_dir / f).exists() and not (out_dir / f).exists():
+            shutil.copy(model_dir / f, out_dir / f)
+    report = {"exporter": exporter, "task": task, "files": [ONNX_FILE]}
+    if int8:
+        quantize_int8(out_dir / ONNX_FILE, out_dir / INT8_FILE)
+        report["files"].append(INT8_FILE)
+    (out_dir / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _torch_export(model_dir: Path, out_dir: Path, task: str) -> None:
+    model = load_reference(model_dir, task)
+    ids = torch.ones(2, 16, dtype=torch.long)
+    att = torch.ones(2, 16, dtype=torch.long)
+    tt = torch.zeros(2, 16, dtype=torch.long)
+    out_name = "logits" if task == "fill-mask" else "last_hidden_state"
+    axes = {"batch_size": 0, "sequence_length": 1}
+    dyn = {
+        k: {0: "batch_size", 1: "sequence_length"}
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    dyn[out_name] = {v: k for k, v in axes.items()}
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.m(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
+            return out[0]
+
+    torch.onnx.export(Wrapped(model), (ids, att, tt), str(out_dir / ONNX_FILE), dynamo=False,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=[out_name], dynamic_axes=dyn, opset_version=17)  # fmt: skip
+    model.config.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 with per-channel weights (per-tensor costs too much accuracy here)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+
+
+def sample_inputs(
+    tokenizer: Any, texts: list[str], batch_sizes: tuple[int, ...], seq_lengths: tuple[int, ...]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Real text at every (batch, length): the first row is always short, so there is padding."""
+    pool = ["Hi.", *texts]
+    out = {}
+    for b in batch_sizes:
+        for t in seq_lengths:
+            enc = tokenizer(pool[:b], padding="max_length", truncation=True, max_length=t,
+                            return_tensors="pt")  # fmt: skip
+            out[f"b{b}_t{t}"] = {k: v.to(torch.int64) for k, v in enc.items()}
+    return out
+
+
+@torch.no_grad()
+def reference_outputs(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    out = model(**inputs)
+    name = "logits" if hasattr(out, "logits") and out.logits is not None else "last_hidden_state"
+    return {name: getattr(out, name).float()}
+
+
+def save_samples(
+    export_dir: Path, model_dir: Path, texts: list[str], batch_sizes, seq_lengths
+) -> Path:
+    """Sample inputs and PyTorch reference outputs, saved beside the ONNX model (safetensors:
+    the check re-runs later without PyTorch weights, and nothing is unpickled)."""
+    task = task_of(model_dir)
+    model = load_reference(model_dir, task)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    flat: dict[str, torch.Tensor] = {}
+    for key, inputs in sample_inputs(tok, texts, batch_sizes, seq_lengths).items():
+        for name, t in inputs.items():
+            flat[f"{key}.input.{name}"] = t.contiguous()
+        for name, t in reference_outputs(model, inputs).items():
+            flat[f"{key}.output.{name}"] = t.contiguous()
+    path = export_dir / SAMPLES_FILE
+    save_file(flat, path)
+    return path

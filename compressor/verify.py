@@ -1,0 +1,123 @@
+"""Verification of an ONNX export against the saved PyTorch references: a gate, not a warning.
+
+Order of checks, as optimum does it: output names, then shapes, then values (per-output atol +
+rtol * |reference|), then task-level agreement (mean-pooled embedding cosine for encoders, top-1
+agreement for MLM heads). `verify.json` is written whether it passes or fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from compressor.errors import CheckFailed
+from compressor.export import SAMPLES_FILE
+
+VERIFY_FILE = "verify.json"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_agreement: float  # mean cosine (encoders) or top-1 agreement (MLM) over all samples
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    passed: bool = True
+    checks: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        self.passed = False
+        self.failures.append(message)
+
+
+def load_samples(export_dir: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{sample key: {"input": {...}, "output": {...}}} from samples.safetensors."""
+    flat = load_file(export_dir / SAMPLES_FILE)
+    out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for name, arr in flat.items():
+        key, kind, tensor = name.split(".", 2)
+        out.setdefault(key, {"input": {}, "output": {}})[kind][tensor] = arr
+    return out
+
+
+def session(onnx_path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyReport:
+    """Run every stored sample through onnxruntime and compare with the PyTorch reference."""
+    report = VerifyReport(model=onnx_file)
+    sess = session(export_dir / onnx_file)
+    feed_names = {i.name for i in sess.get_inputs()}
+    out_names = [o.name for o in sess.get_outputs()]
+    agreements: list[float] = []
+    for key, sample in sorted(load_samples(export_dir).items()):
+        feed = {k: v.astype(np.int64) for k, v in sample["input"].items() if k in feed_names}
+        got = dict(zip(out_names, sess.run(None, feed), strict=True))
+        for name, ref in sample["output"].items():
+            if name not in got:
+                report.fail(f"{onnx_file} [{key}]: output '{name}' missing (has {out_names})")
+                continue
+            out = got[name]
+            if out.shape != ref.shape:
+                report.fail(
+                    f"{onnx_file} [{key}]: output '{name}' shape {out.shape} != {ref.shape}"
+                )
+                continue
+            diff = np.abs(out - ref)
+            excess = float((diff - (tol.atol + tol.rtol * np.abs(ref))).max())
+            check = {"sample": key, "output": name, "shape": list(ref.shape),
+                     "max_abs_diff": float(diff.max()), "atol": tol.atol, "rtol": tol.rtol}  # fmt: skip
+            if tol.atol >= 0 and excess > 0:
+                check["failed"] = True
+                report.fail(
+                    f"{onnx_file} [{key}]: output '{name}' shape {list(ref.shape)} differs by up to"
+                    f" {diff.max():.3g} (atol {tol.atol}, rtol {tol.rtol})"
+                )
+            report.checks.append(check)
+            agreements.append(agreement(name, out, ref, sample["input"]["attention_mask"]))
+    mean_agreement = float(np.mean(agreements)) if agreements else 0.0
+    kind = "top1_agreement" if "logits" in out_names else "embedding_cosine"
+    report.checks.append({kind: mean_agreement, "min": tol.min_agreement})
+    if mean_agreement < tol.min_agreement:
+        report.fail(f"{onnx_file}: {kind} {mean_agreement:.5f} is below {tol.min_agreement}")
+    return report
+
+
+def agreement(name: str, out: np.ndarray, ref: np.ndarray, attention_mask: np.ndarray) -> float:
+    real = attention_mask.astype(bool)
+    if name == "logits":
+        return float((out.argmax(-1) == ref.argmax(-1))[real].mean())
+    m = attention_mask[..., None].astype(np.float32)
+    a, b = (out * m).sum(1) / m.sum(1), (ref * m).sum(1) / m.sum(1)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos.mean())
+
+
+def write_and_gate(reports: list[VerifyReport], path: Path) -> None:
+    """Write every report, then raise if any failed (nothing downstream may treat it as good)."""
+    passed = all(r.passed for r in reports)
+    path.write_text(
+        json.dumps({"passed": passed, "reports": [asdict(r) for r in reports]}, indent=2)
+    )
+    if not passed:
+        lines = [f for r in reports for f in r.failures]
+        shown = "\n  ".join(lines[:10]) + (
+            f"\n  ... {len(lines) - 10} more" if len(lines) > 10 else ""
+        )
+        raise CheckFailed(f"ONNX verification failed (see {path}):\n  {shown}")

@@ -1,0 +1,145 @@
+"""ONNX export + onnxruntime verification on tiny models (unit) and a real slim model (pipeline)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from compressor.bench import benchmark, encoder_flops
+from compressor.errors import CheckFailed
+from compressor.export import INT8_FILE, ONNX_FILE, export_onnx, save_samples
+from compressor.shapes import Shape
+from compressor.verify import Tolerance, verify_export, write_and_gate
+from tests.conftest import tiny_bert
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital of France.",
+    "Rain falls.",
+    "A long " * 30,
+]
+TOL = Tolerance(atol=1e-4, rtol=1e-4, min_agreement=0.9999)
+
+
+def noisy(a: np.ndarray) -> np.ndarray:
+    """Tamper with a weight (noise: a constant shift or scale would vanish in LayerNorm)."""
+    return (a + np.random.default_rng(0).normal(0, 0.05, a.shape)).astype(a.dtype)
+
+
+def tiny_export(tmp_path, packaged_tokenizer, mlm=False, int8=False):
+    model = tiny_bert(mlm=mlm, vocab_size=packaged_tokenizer.vocab_size, max_position_embeddings=64)
+    model_dir, onnx_dir = tmp_path / "model", tmp_path / "onnx"
+    model.save_pretrained(model_dir)
+    packaged_tokenizer.save_pretrained(model_dir)
+    report = export_onnx(model_dir, onnx_dir, int8=int8)
+    save_samples(onnx_dir, model_dir, TEXTS, (1, 3), (8, 32))
+    return model_dir, onnx_dir, report
+
+
+@pytest.mark.parametrize("mlm", [False, True])
+def test_export_verifies(tmp_path, packaged_tokenizer, mlm):
+    _, onnx_dir, report = tiny_export(tmp_path, packaged_tokenizer, mlm=mlm)
+    assert report["exporter"] == "optimum"
+    assert report["task"] == ("fill-mask" if mlm else "feature-extraction")
+    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    assert r.passed, r.failures
+    shapes = {tuple(c["shape"][:2]) for c in r.checks if "shape" in c}
+    assert shapes == {(1, 8), (1, 32), (3, 8), (3, 32)}  # 2 batch sizes x 2 lengths
+    assert (onnx_dir / "tokenizer.json").exists() and (onnx_dir / "config.json").exists()
+
+
+def test_int8_is_checked_by_agreement(tmp_path, packaged_tokenizer):
+    _, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer, int8=True)
+    r = verify_export(onnx_dir, INT8_FILE, Tolerance(atol=1.0, rtol=0.0, min_agreement=0.98))
+    assert r.passed, r.failures
+    strict = verify_export(onnx_dir, INT8_FILE, Tolerance(atol=1e-6, rtol=0.0, min_agreement=0.98))
+    assert not strict.passed  # int8 is not bit-faithful: the value check can see it
+
+
+def test_tampered_onnx_fails_with_name_shape_and_difference(tmp_path, packaged_tokenizer):
+    _, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
+    path = onnx_dir / ONNX_FILE
+    m = onnx.load(path)
+    init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+    init.CopyFrom(numpy_helper.from_array(noisy(numpy_helper.to_array(init)), init.name))
+    onnx.save(m, path)
+    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    assert not r.passed
+    assert "output 'last_hidden_state' shape [1, 32, 32] differs by up to" in r.failures[0]
+    with pytest.raises(CheckFailed, match="ONNX verification failed"):
+        write_and_gate([r], tmp_path / "verify.json")
+    assert json.loads((tmp_path / "verify.json").read_text())["passed"] is False
+
+
+def test_zero_tolerance_fails(tmp_path, packaged_tokenizer):
+    _, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
+    r = verify_export(onnx_dir, ONNX_FILE, Tolerance(atol=0.0, rtol=0.0, min_agreement=1.0))
+    assert not r.passed
+
+
+def test_benchmark_runs_and_reports_ratios(tmp_path, packaged_tokenizer):
+    model_dir, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
+    models = {
+        "teacher": {"onnxruntime": str(onnx_dir / ONNX_FILE), "torch": str(model_dir)},
+        "student": {"onnxruntime": str(onnx_dir / ONNX_FILE), "torch": str(model_dir)},
+    }
+    s = Shape(3, 32, 4, 8, 64)
+    out = benchmark(
+        models, {"teacher": s, "student": s}, [(1, 16)], threads=1, warmup=1, iters=3, rounds=2
+    )
+    assert {r["runtime"] for r in out["results"]} == {"onnxruntime", "torch"}
+    for r in out["results"]:
+        assert r["teacher_ms"]["n"] == 6 and r["flop_ratio"] == 1.0
+        assert r["teacher_ms"]["p50"] <= r["teacher_ms"]["p99"]
+    assert out["threads"] == 1 and "onnxruntime" in out["packages"]
+
+
+def test_flop_ratio_of_bert_base_to_6L384():
+    ratio = encoder_flops(Shape(12, 768, 12, 64, 3072), 128) / encoder_flops(
+        Shape(6, 384, 12, 32, 1536), 128
+    )
+    assert 7.5 < ratio < 8.0
+
+
+def test_ort_model_loads_the_real_slim_export(tiny_run):
+    """The export dir of a real run loads with optimum's ORTModelForFeatureExtraction and matches
+    the slimmed HF model."""
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from transformers import AutoModel, AutoTokenizer
+
+    onnx_dir, model_dir = tiny_run.run_dir / "onnx", tiny_run.run_dir / "model"
+    ort_model = ORTModelForFeatureExtraction.from_pretrained(onnx_dir)
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        want = ref(**enc).last_hidden_state
+    got = ort_model(**enc).last_hidden_state
+    real = enc["attention_mask"].bool()
+    assert (torch.as_tensor(got)[real] - want[real]).abs().max() < 1e-4
+
+
+def test_cli_export_rejects_a_tampered_run(tiny_run, tmp_path):
+    import shutil
+
+    from compressor.cli import main
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    path = run_dir / "onnx" / ONNX_FILE
+    m = onnx.load(path)
+    init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+    init.CopyFrom(numpy_helper.from_array(noisy(numpy_helper.to_array(init)), init.name))
+    onnx.save(m, path)
+    from compressor.deploy import verify_again
+
+    with pytest.raises(CheckFailed, match="last_hidden_state"):
+        verify_again(run_dir)
+    # re-exporting from the (good) HF model through the CLI passes again
+    res = CliRunner().invoke(main, ["export", "--onnx", "--no-bench", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run_dir / "verify.json").read_text())["passed"] is True
