@@ -30,7 +30,7 @@ def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     CheckFailed when any check fails; verify.json is written either way."""
     e = recipe.export
     onnx_dir = run_dir / ONNX_DIR
-    report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8)
+    report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8, optimize=e.optimize)
     texts = json.loads((run_dir / HELDOUT_FILE).read_text())
     save_samples(onnx_dir, run_dir / MODEL_DIR, texts, e.batch_sizes, e.seq_lengths)
     reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
@@ -82,14 +82,14 @@ def teacher_key(teacher: Teacher) -> str:
     return f"{teacher.name.replace('/', '--')}-{h.hexdigest()[:12]}"
 
 
-def cached_teacher_export(teacher: Teacher, int8: bool) -> Path:
-    """HF dir + ONNX export of the teacher, built once per teacher content."""
-    d = cache_root() / "teachers" / teacher_key(teacher)
+def cached_teacher_export(teacher: Teacher, int8: bool, optimize: bool) -> Path:
+    """HF dir + ONNX export of the teacher, built once per teacher content and export setting."""
+    d = cache_root() / "teachers" / f"{teacher_key(teacher)}{'-fused' if optimize else ''}"
     hf_dir, onnx_dir = d / "hf", d / "onnx"
     if not (onnx_dir / ONNX_FILE).exists():
         teacher.model.cpu().save_pretrained(hf_dir, safe_serialization=True)
         teacher.tokenizer.save_pretrained(hf_dir)
-        export_onnx(hf_dir, onnx_dir, int8=False)
+        export_onnx(hf_dir, onnx_dir, int8=False, optimize=optimize)
     if int8 and not (onnx_dir / INT8_FILE).exists():
         quantize_int8(onnx_dir / ONNX_FILE, onnx_dir / INT8_FILE)
     return d
@@ -98,7 +98,7 @@ def cached_teacher_export(teacher: Teacher, int8: bool) -> Path:
 def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]:
     """Student vs teacher latency; writes benchmark.json."""
     b = recipe.bench
-    t_dir = cached_teacher_export(teacher, recipe.export.int8)
+    t_dir = cached_teacher_export(teacher, recipe.export.int8, recipe.export.optimize)
     s_onnx = run_dir / ONNX_DIR
     models: dict[str, dict[str, str]] = {
         "teacher": {"onnxruntime": str(t_dir / "onnx" / ONNX_FILE)},

@@ -117,6 +117,7 @@ class ExportSpec(_Frozen):
     """ONNX export and its verification gate (fp32 always checked; int8 optional)."""
 
     onnx: bool = True
+    optimize: bool = True  # onnxruntime BERT fusions (fused attention etc.), then verified
     int8: bool = False
     atol: float = Field(1e-4, ge=0.0)
     rtol: float = Field(1e-4, ge=0.0)
