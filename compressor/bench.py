@@ -37,6 +37,14 @@ def percentiles(ms: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "n": len(ms)}  # fmt: skip
 
 
+def onnx_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, else the CPU provider."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
 def _inputs(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -54,10 +62,7 @@ def time_in_this_process(spec: dict[str, Any]) -> dict[str, list[float]]:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        providers = ["CPUExecutionProvider"]
-        if spec.get("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        sess = ort.InferenceSession(spec["path"], opts, providers=providers)
+        sess = ort.InferenceSession(spec["path"], opts, providers=onnx_providers())
         names = {i.name for i in sess.get_inputs()}
 
         def call(feed):
@@ -135,7 +140,7 @@ def benchmark(
         "warmup": warmup,
         "iters_per_round": iters,
         "rounds": rounds,
-        "provider": "CPUExecutionProvider (CUDAExecutionProvider first when available)",
+        "providers": onnx_providers(),
         "cpu": cpu_model(),
         "shapes": {k: v.to_dict() for k, v in shapes.items()},
         "packages": package_versions(),

@@ -143,3 +143,25 @@ def test_cli_export_rejects_a_tampered_run(tiny_run, tmp_path):
     res = CliRunner().invoke(main, ["export", "--onnx", "--no-bench", str(run_dir)])
     assert res.exit_code == 0, res.output
     assert json.loads((run_dir / "verify.json").read_text())["passed"] is True
+
+
+def test_zero_tolerance_run_fails_the_gate_and_is_not_marked_good(tiny_run, tmp_path):
+    """A tolerance of 0 in the run's recipe: `compress export` exits 3 naming the output, writes
+    verify.json as failed, and summary.json keeps no export entry."""
+    import shutil
+
+    import yaml
+
+    from compressor.cli import main
+
+    run_dir = tmp_path / "zero-tol"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["export"].update(atol=0.0, rtol=0.0)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(main, ["export", "--onnx", "--no-bench", str(run_dir)])
+    assert res.exit_code == 3
+    assert "ONNX verification failed" in res.output and "last_hidden_state" in res.output
+    assert "Traceback" not in res.output
+    assert json.loads((run_dir / "verify.json").read_text())["passed"] is False
+    assert "export" not in json.loads((run_dir / "summary.json").read_text())
