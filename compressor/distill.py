@@ -156,7 +156,7 @@ def distill(
                 )
                 ranked = with_magnitude_fallback(
                     structure_scores(student, scores, full.head_dim),
-                    structure_scores(student, magnitudes(params), full.head_dim),
+                    lambda: structure_scores(student, magnitudes(params), full.head_dim),
                 )
                 masks = prune_to(masks, ranked, widths)
                 zero_pruned_weights(student, masks)

@@ -70,12 +70,8 @@ def _torch_export(model_dir: Path, out_dir: Path, task: str) -> None:
     att = torch.ones(2, 16, dtype=torch.long)
     tt = torch.zeros(2, 16, dtype=torch.long)
     out_name = "logits" if task == "fill-mask" else "last_hidden_state"
-    axes = {"batch_size": 0, "sequence_length": 1}
-    dyn = {
-        k: {0: "batch_size", 1: "sequence_length"}
-        for k in ("input_ids", "attention_mask", "token_type_ids")
-    }
-    dyn[out_name] = {v: k for k, v in axes.items()}
+    axes = {0: "batch_size", 1: "sequence_length"}
+    dyn = {k: axes for k in ("input_ids", "attention_mask", "token_type_ids", out_name)}
 
     class Wrapped(torch.nn.Module):
         def __init__(self, m):

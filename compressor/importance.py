@@ -9,6 +9,7 @@ over the parameters each prunable structure spans.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,7 @@ def update_state(
 
 
 def with_magnitude_fallback(
-    scores: dict[str, torch.Tensor], magnitude: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor], magnitude: Callable[[], dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """Where a structure kind's sensitivity is all zero, rank it by weight magnitude instead.
 
@@ -91,7 +92,11 @@ def with_magnitude_fallback(
     gradient is exactly 0: first-order sensitivity cannot rank anything until the first pruning
     event moves the student (or an MLM loss is present). Our choice: fall back to magnitude.
     """
-    return {k: magnitude[k] if not bool(v.abs().sum() > 0) else v for k, v in scores.items()}
+    blind = [k for k, v in scores.items() if not bool(v.abs().sum() > 0)]
+    if not blind:
+        return scores  # the usual case: no magnitude scores computed on the hot path
+    mag = magnitude()
+    return {k: mag[k] if k in blind else v for k, v in scores.items()}
 
 
 @torch.no_grad()

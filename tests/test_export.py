@@ -165,3 +165,18 @@ def test_zero_tolerance_run_fails_the_gate_and_is_not_marked_good(tiny_run, tmp_
     assert "Traceback" not in res.output
     assert json.loads((run_dir / "verify.json").read_text())["passed"] is False
     assert "export" not in json.loads((run_dir / "summary.json").read_text())
+
+
+def test_torch_onnx_fallback_when_optimum_fails(tmp_path, packaged_tokenizer, monkeypatch):
+    """If optimum's exporter raises, torch.onnx.export runs, the report says so, and the result
+    still passes verification."""
+    import optimum.exporters.onnx as optimum_onnx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated exporter failure")
+
+    monkeypatch.setattr(optimum_onnx, "main_export", broken)
+    _, onnx_dir, report = tiny_export(tmp_path, packaged_tokenizer)
+    assert report["exporter"].startswith("torch.onnx (optimum failed: RuntimeError")
+    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    assert r.passed, r.failures

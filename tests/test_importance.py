@@ -40,7 +40,7 @@ def test_ema_and_uncertainty():
 def test_magnitude_fallback_only_where_sensitivity_is_blind():
     sens = {"ffn": torch.zeros(2, 3), "hidden": torch.tensor([0.0, 1.0])}
     mag = {"ffn": torch.ones(2, 3), "hidden": torch.tensor([5.0, 0.0])}
-    out = with_magnitude_fallback(sens, mag)
+    out = with_magnitude_fallback(sens, lambda: mag)
     assert torch.equal(out["ffn"], mag["ffn"]) and torch.equal(out["hidden"], sens["hidden"])
 
 
@@ -53,3 +53,11 @@ def test_state_is_blind_until_a_gradient_is_non_zero():
     p.grad = torch.tensor([0.0, 1e-3, 0.0])
     update_state(state, {"p": p}, "sensitivity", 0.85, 0.95)
     assert not state.is_blind()
+
+
+def test_magnitude_is_not_computed_when_sensitivity_sees():
+    def boom():
+        raise AssertionError("magnitude scores computed although no kind was blind")
+
+    sens = {"ffn": torch.ones(2, 3)}
+    assert with_magnitude_fallback(sens, boom) is sens
