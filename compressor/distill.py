@@ -27,6 +27,7 @@ from compressor.importance import (
     entry_scores,
     magnitudes,
     structure_scores,
+    truncation_scores,
     update_state,
     with_magnitude_fallback,
 )
@@ -135,7 +136,8 @@ def distill(
             torch.nn.utils.clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
 
             # 2. importance from this step's gradients, then the optimizer step
-            update_state(importance, {**params, GATES: gates}, p.importance, p.beta1, p.beta2)
+            if p.importance != "truncate":
+                update_state(importance, {**params, GATES: gates}, p.importance, p.beta1, p.beta2)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             gates.grad = None
@@ -154,11 +156,9 @@ def distill(
                 widths = schedule.widths_at(
                     step, full, target, p.schedule, p.start_step, p.end_step
                 )
-                ranked = with_magnitude_fallback(
-                    structure_scores(student, scores, full.head_dim),
-                    lambda: structure_scores(student, magnitudes(params), full.head_dim),
+                masks = prune_to(
+                    masks, rank_structures(p.importance, student, scores, full), widths
                 )
-                masks = prune_to(masks, ranked, widths)
                 zero_pruned_weights(student, masks)
             if layers_chosen:
                 g = schedule.layer_gate(step, p.schedule, p.start_step, p.end_step)
@@ -183,6 +183,20 @@ def distill(
             if interrupted():
                 raise KeyboardInterrupt
     return DistillResult(replace(masks, gates=gates.detach()), maps, last)
+
+
+def rank_structures(
+    kind: str, student: torch.nn.Module, scores: dict[str, torch.Tensor], full: Shape
+) -> dict[str, torch.Tensor]:
+    """Structure scores for `prune_to`: width truncation (first k), or the EMA'd entry scores
+    summed per structure, with magnitude where a kind's sensitivity is still blind."""
+    if kind == "truncate":
+        return {k: v.to(scores[GATES].device) for k, v in truncation_scores(full).items()}
+    params = student_parameters(student)
+    return with_magnitude_fallback(
+        structure_scores(student, scores, full.head_dim),
+        lambda: structure_scores(student, magnitudes(params), full.head_dim),
+    )
 
 
 def probe_importance(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
+from compressor.shapes import Shape
 
 
 @dataclass
@@ -146,4 +147,20 @@ def structure_scores(
         "vo": vo_t,
         "heads": qk_t.sum(2) + vo_t.sum(2),
         "ffn": torch.stack(ffn),
+    }
+
+
+def truncation_scores(full: Shape) -> dict[str, torch.Tensor]:
+    """Scores that keep the first k of every structure (DistilBERT-style width truncation):
+    strictly decreasing with the index, so `keep_top_k` keeps indices 0..k-1."""
+
+    def first(*shape: int) -> torch.Tensor:
+        return (-torch.arange(shape[-1], dtype=torch.float32)).expand(*shape).clone()
+
+    return {
+        "hidden": first(full.hidden),
+        "heads": first(full.layers, full.heads),
+        "qk": first(full.layers, full.heads, full.head_dim),
+        "vo": first(full.layers, full.heads, full.head_dim),
+        "ffn": first(full.layers, full.ffn),
     }

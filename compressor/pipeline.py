@@ -95,7 +95,7 @@ def _execute(
 
     teacher = teacher or load_teacher(recipe.teacher)
     teacher.model.to(device)
-    student = make_student(teacher)
+    student = make_student(teacher, recipe.student.init, tr.seed)
     corpus = Corpus(recipe.data, teacher.tokenizer, tr.seed, tr.batch_size, tr.grad_accum)
     (run_dir / HELDOUT_FILE).write_text(json.dumps(corpus.heldout_texts))
     checks = preflight(recipe, teacher, student, corpus, device)
@@ -168,9 +168,13 @@ def latest_run(root: Path) -> Path:
     return runs[-1].parent
 
 
-def make_student(teacher: Teacher) -> torch.nn.Module:
-    """The student starts as an exact copy of the teacher."""
+def make_student(teacher: Teacher, init: str = "teacher", seed: int = 0) -> torch.nn.Module:
+    """The student starts as an exact copy of the teacher (HomoDistil), or, for the random-init
+    baseline, as the teacher's architecture with freshly initialised weights (seeded)."""
     student = copy.deepcopy(teacher.model)
+    if init == "random":
+        torch.manual_seed(seed)
+        student.apply(student._init_weights)  # the architecture's own initialiser
     for p in student.parameters():
         p.requires_grad_(True)
     return student.train()
@@ -180,7 +184,9 @@ def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device)
     """Before training: the step-0 identity, and a throwaway slim at the target shape that must
     round-trip through save + stock reload. Export problems show in minute one, not hour ten."""
     batch = corpus.heldout.to(device)
-    identity = check_identity(teacher.model, student, batch, teacher.shape)
+    # the masked forward must equal the stock forward of the model the student starts as
+    reference = teacher.model if recipe.student.init == "teacher" else student
+    identity = check_identity(reference, student, batch, teacher.shape)
     masks = magnitude_masks_at_target(recipe, teacher)
     plan = PrunePlan.from_masks(masks, teacher.shape)
     model = teacher.model.cpu()

@@ -64,7 +64,8 @@ class TargetShape(_Frozen):
 
 class PruningSpec(_Frozen):
     structures: tuple[Literal["layers", "heads", "head_dims", "ffn", "hidden"], ...] = STRUCTURES
-    importance: Literal["sensitivity", "magnitude"] = "sensitivity"
+    # `truncate` keeps the first k of every structure: DistilBERT-style width truncation (baseline)
+    importance: Literal["sensitivity", "magnitude", "truncate"] = "sensitivity"
     uncertainty: bool = True
     beta1: float = Field(0.85, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -77,6 +78,13 @@ class PruningSpec(_Frozen):
         4, ge=0, description="dropout batches that seed sensitivity while the loss is still 0"
     )
     probe_dropout: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class StudentSpec(_Frozen):
+    """Where the student's weights start: an exact copy of the teacher (HomoDistil), or random
+    weights in the teacher's architecture (the random-initialisation baseline)."""
+
+    init: Literal["teacher", "random"] = "teacher"
 
 
 class DistillSpec(_Frozen):
@@ -152,6 +160,7 @@ class Recipe(_Frozen):
     data: DataSpec
     target: TargetShape
     pruning: PruningSpec
+    student: StudentSpec = StudentSpec()
     distill: DistillSpec = DistillSpec()
     train: TrainSpec
     export: ExportSpec = ExportSpec()
@@ -217,6 +226,11 @@ def cross_field_problems(r: Recipe) -> list[str]:
         p.append("bench.enabled: the benchmark times the ONNX export; set export.onnx: true")
     if max(r.export.seq_lengths + r.bench.seq_lengths) > 4096:
         p.append("export.seq_lengths / bench.seq_lengths: longer than any BERT position table")
+    if r.pruning.importance == "truncate" and r.pruning.layer_selection != "uniform":
+        p.append(
+            "pruning.layer_selection: width truncation ranks nothing, so layers must be chosen"
+            " 'uniform' (evenly spaced, DistilBERT-style)"
+        )
     if r.distill.mlm + r.distill.prediction + r.distill.hidden + r.distill.attention == 0:
         p.append("distill: every loss weight is 0; nothing would be learned")
     return p
