@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from compressor.cli_zoo import zoo_group
 from compressor.errors import CompressError
 
 
@@ -36,15 +37,30 @@ def main() -> None:
               help="Continue the run in this directory from its last checkpoint.")  # fmt: skip
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Root for run directories (default: the recipe's output.dir).")  # fmt: skip
-def run_cmd(recipe: Path | None, resume_dir: Path | None, output: Path | None) -> None:
+@click.option("--zoo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Zoo to register the result in (default: $COMPRESS_ZOO, zoo.dir, ./zoo).")  # fmt: skip
+@click.option("--no-register", is_flag=True, help="Do not register the result in the zoo.")
+def run_cmd(
+    recipe: Path | None,
+    resume_dir: Path | None,
+    output: Path | None,
+    zoo: Path | None,
+    no_register: bool,
+) -> None:
     """Distill + prune RECIPE's teacher into its target shape and write a slim model."""
     from compressor import pipeline
 
     if (recipe is None) == (resume_dir is None):
         raise click.UsageError("give a RECIPE, or --resume RUN_DIR (not both)")
-    result = pipeline.resume(resume_dir) if resume_dir else pipeline.run(recipe, output)
+    register = not no_register
+    if resume_dir:
+        result = pipeline.resume(resume_dir, zoo=zoo, register=register)
+    else:
+        result = pipeline.run(recipe, output, zoo=zoo, register=register)
     click.echo(json.dumps(result.summary, indent=2))
     click.echo(f"run directory: {result.run_dir}")
+    if "zoo_id" in result.summary:
+        click.echo(f"registered in the zoo: {result.summary['zoo_id']}")
 
 
 @main.command("export")
@@ -95,6 +111,8 @@ def recipe_check_cmd(recipe: Path) -> None:
 
     click.echo(plan_report(recipe))
 
+
+main.add_command(zoo_group)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,8 +41,9 @@ def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     return {**report, "verify": summarize(reports)}
 
 
-def verify_again(run_dir: Path) -> dict[str, Any]:
-    """Re-run the stored check on the stored samples (no PyTorch weights needed)."""
+def verify_again(run_dir: Path, write: bool = True) -> dict[str, Any]:
+    """Re-run the stored check on the stored samples (no PyTorch weights needed). `run_dir` is any
+    directory holding onnx/ and recipe.yaml (a run, a zoo entry); `write=False` leaves it as is."""
     from compressor.pipeline import load_run_recipe
 
     e = load_run_recipe(run_dir).export
@@ -51,7 +52,7 @@ def verify_again(run_dir: Path) -> dict[str, Any]:
     if (onnx_dir / INT8_FILE).exists():
         tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
         reports.append(verify_export(onnx_dir, INT8_FILE, tol))
-    write_and_gate(reports, run_dir / VERIFY_FILE)
+    write_and_gate(reports, run_dir / VERIFY_FILE if write else None)
     return summarize(reports)
 
 

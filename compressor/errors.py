@@ -44,3 +44,9 @@ class RunDirError(CompressError):
     """A run directory is missing, incomplete or belongs to another recipe."""
 
     exit_code = 2
+
+
+class ZooError(CompressError):
+    """A zoo id is malformed, unknown or ambiguous, or a zoo operation was refused."""
+
+    exit_code = 2

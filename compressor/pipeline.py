@@ -2,7 +2,7 @@
 
     recipe -> teacher -> student -> corpus -> preflight -> distill+prune -> slim -> check -> report
 
-Later stages (export, verify, benchmark, register) plug in after `slim`.
+then export -> verify -> benchmark (deploy.py) -> gates (gates.py) -> register (zoo.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from compressor.deploy import HELDOUT_FILE, bench_run, export_and_verify
 from compressor.distill import distill, target_shape
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import RecipeError, RunDirError
+from compressor.gates import check_gates
 from compressor.importance import magnitudes, structure_scores
 from compressor.masks import Masks, prune_to, select_layers
 from compressor.metrics import METRICS, discrepancy_summary, plot_run, read_metrics
@@ -39,6 +40,8 @@ from compressor.teacher import (
     read_teacher_config,
     sentence_transformers_files,
 )
+from compressor.zoo import register as zoo_register
+from compressor.zoo import zoo_root
 
 RECIPE_FILE, ENV_FILE, PLAN_FILE, SUMMARY_FILE = (
     "recipe.yaml",
@@ -60,18 +63,25 @@ def run(
     output: Path | None = None,
     teacher: Teacher | None = None,
     stop_after: int | None = None,
+    zoo: Path | None = None,
+    register: bool = True,
 ) -> RunResult:
     """Run a recipe end to end in a new run directory. `teacher` overrides the recipe's teacher
-    (tests use it for a randomly initialised BERT-base); `stop_after` ends training early."""
+    (tests use it for a randomly initialised BERT-base); `stop_after` ends training early; `zoo`
+    is where a verified result is registered (unless `register` is false)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
     run_dir = new_run_dir(recipe, output)
     (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    return _execute(recipe, run_dir, teacher, stop_after)
+    return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
 
 
 def resume(
-    run_dir: Path, stop_after: int | None = None, teacher: Teacher | None = None
+    run_dir: Path,
+    stop_after: int | None = None,
+    teacher: Teacher | None = None,
+    zoo: Path | None = None,
+    register: bool = True,
 ) -> RunResult:
     """Continue a run from its last checkpoint, with the recipe it was started with."""
     run_dir = Path(run_dir)
@@ -79,11 +89,16 @@ def resume(
         raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
     if (run_dir / SUMMARY_FILE).exists():
         raise RunDirError(f"{run_dir}: this run already finished (see {SUMMARY_FILE})")
-    return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after)
+    return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after, zoo, register)
 
 
 def _execute(
-    recipe: Recipe, run_dir: Path, teacher: Teacher | None, stop_after: int | None
+    recipe: Recipe,
+    run_dir: Path,
+    teacher: Teacher | None,
+    stop_after: int | None,
+    zoo: Path | None = None,
+    register: bool = True,
 ) -> RunResult:
     tr = recipe.train
     if tr.threads:
@@ -137,6 +152,9 @@ def _execute(
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the finished model supersedes it
     if recipe.export.onnx:
         summary = deploy(run_dir, teacher)
+    check_gates(recipe.gates, run_dir)  # a miss raises CheckFailed: nothing is registered
+    if recipe.export.onnx and register and recipe.zoo.register:
+        summary["zoo_id"] = zoo_register(run_dir, zoo_root(zoo, recipe.zoo.dir))
     return RunResult(run_dir, summary)
 
 

@@ -7,6 +7,7 @@ what was expected and, for a misspelt key, a "did you mean".
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,24 @@ class OutputSpec(_Frozen):
     dir: str = "runs"
 
 
+class GatesSpec(_Frozen):
+    """Limits a finished run must meet; a miss exits 3 and nothing is registered (None: unchecked)."""
+
+    max_params: int | None = Field(None, ge=1, description="student parameter count")
+    min_speedup: float | None = Field(
+        None, gt=0.0, description="onnxruntime fp32 p50 speedup at the first benchmarked shape"
+    )
+    max_discrepancy: float | None = Field(None, ge=0.0, description="final held-out discrepancy")
+
+
+with warnings.catch_warnings():  # `register` also names ABCMeta.register; fields are unaffected
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class ZooSpec(_Frozen):
+        register: bool = True
+        dir: str | None = None  # default: $COMPRESS_ZOO, else ./zoo
+
+
 class Recipe(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     teacher: TeacherSpec
@@ -166,6 +185,8 @@ class Recipe(_Frozen):
     export: ExportSpec = ExportSpec()
     bench: BenchSpec = BenchSpec()
     output: OutputSpec = OutputSpec()
+    gates: GatesSpec = GatesSpec()
+    zoo: ZooSpec = ZooSpec()
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -109,15 +109,18 @@ def agreement(name: str, out: np.ndarray, ref: np.ndarray, attention_mask: np.nd
     return float(cos.mean())
 
 
-def write_and_gate(reports: list[VerifyReport], path: Path) -> None:
-    """Write every report, then raise if any failed (nothing downstream may treat it as good)."""
+def write_and_gate(reports: list[VerifyReport], path: Path | None) -> None:
+    """Write every report (unless `path` is None), then raise if any failed (nothing downstream
+    may treat it as good)."""
     passed = all(r.passed for r in reports)
-    path.write_text(
-        json.dumps({"passed": passed, "reports": [asdict(r) for r in reports]}, indent=2)
-    )
+    if path is not None:
+        path.write_text(
+            json.dumps({"passed": passed, "reports": [asdict(r) for r in reports]}, indent=2)
+        )
     if not passed:
         lines = [f for r in reports for f in r.failures]
         shown = "\n  ".join(lines[:10]) + (
             f"\n  ... {len(lines) - 10} more" if len(lines) > 10 else ""
         )
-        raise CheckFailed(f"ONNX verification failed (see {path}):\n  {shown}")
+        where = f" (see {path})" if path is not None else ""
+        raise CheckFailed(f"ONNX verification failed{where}:\n  {shown}")

@@ -58,8 +58,10 @@ def tiny_batch(vocab: int = 120, batch: int = 3, seq: int = 12, seed: int = 1):
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
-    """Teacher ONNX exports are cached per session, not in the user's cache."""
+    """Teacher ONNX exports are cached per session, not in the user's cache; finished runs are
+    registered in a session zoo, never in the repository's ./zoo."""
     os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("compress-cache"))
+    os.environ["COMPRESS_ZOO"] = str(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,149 @@
+"""`compress zoo ...`: thin click commands over compressor.zoo. `--zoo PATH` on every command
+(default: $COMPRESS_ZOO, else ./zoo); `--json` on the read commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from compressor import zoo
+from compressor import zoo_report as report
+from compressor.errors import CheckFailed
+
+zoo_option = click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The zoo directory (default: $COMPRESS_ZOO, else ./zoo).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group("zoo")
+def zoo_group() -> None:
+    """The local model zoo: every verified run's student, with its recipe, hashes and metrics."""
+
+
+@zoo_group.command("list")
+@zoo_option
+@json_option
+def list_cmd(zoo_dir: Path | None, as_json: bool) -> None:
+    """Table of every entry: id, teacher, shape, params, size, speedup, quality, created."""
+    root = zoo.zoo_root(zoo_dir)
+    rows = zoo.list_entries(root)
+    if as_json:
+        _echo_json([{k: v for k, v in r.items() if k not in ("files", "summary")} for r in rows])
+    elif not rows:
+        click.echo(
+            f"the zoo at {root} is empty: `compress run RECIPE` registers every run that"
+            " passes its gates"
+        )
+    else:
+        click.echo(report.list_table(rows))
+
+
+@zoo_group.command("show")
+@click.argument("entry_id")
+@zoo_option
+@json_option
+def show_cmd(entry_id: str, zoo_dir: Path | None, as_json: bool) -> None:
+    """Everything about one entry (an id, a unique id prefix or short hash)."""
+    info = zoo.show(zoo.zoo_root(zoo_dir), entry_id)
+    _echo_json(info) if as_json else click.echo(report.show_text(info))
+
+
+@zoo_group.command("verify")
+@click.argument("entry_id", required=False)
+@click.option("--all", "all_entries", is_flag=True, help="Verify every entry.")
+@zoo_option
+@json_option
+def verify_cmd(
+    entry_id: str | None, all_entries: bool, zoo_dir: Path | None, as_json: bool
+) -> None:
+    """Re-hash every file and re-run the stored ONNX check on the stored samples (exit 3 on any
+    missing, modified or extra file or a failed check)."""
+    if (entry_id is None) == (not all_entries):
+        raise click.UsageError("give an ENTRY_ID, or --all (not both)")
+    root = zoo.zoo_root(zoo_dir)
+    ids = [r["id"] for r in zoo.list_entries(root)] if all_entries else [entry_id]
+    reports = [zoo.verify(root, i) for i in ids]
+    zoo_problems = []
+    if all_entries:
+        integrity = zoo.index_integrity(root)
+        zoo_problems += [] if integrity == "ok" else [f"index.sqlite: {integrity}"]
+        for u in zoo.unindexed_dirs(root):
+            zoo_problems.append(f"{u}: an entry directory the index does not list (run reindex)")
+    failed = [r for r in reports if not r["passed"]]
+    if as_json:
+        passed = not failed and not zoo_problems
+        _echo_json({"passed": passed, "entries": reports, "zoo_problems": zoo_problems})
+    else:
+        for r in reports:
+            click.echo(report.verify_text(r))
+        for line in zoo_problems:
+            click.echo(line)
+    if failed or zoo_problems:
+        lines = [f"{r['id']}: {p}" for r in failed for p in r["problems"]] + zoo_problems
+        raise CheckFailed("zoo verification failed:\n  " + "\n  ".join(lines))
+    if all_entries and not reports:
+        click.echo(f"the zoo at {root} is empty")
+
+
+@zoo_group.command("rm")
+@click.argument("entry_id")
+@zoo_option
+def rm_cmd(entry_id: str, zoo_dir: Path | None) -> None:
+    """Delete an entry and its index row."""
+    click.echo(f"removed {zoo.remove(zoo.zoo_root(zoo_dir), entry_id)}")
+
+
+@zoo_group.command("export")
+@click.argument("entry_id")
+@click.argument("dest", type=click.Path(path_type=Path))
+@zoo_option
+def export_cmd(entry_id: str, dest: Path, zoo_dir: Path | None) -> None:
+    """Copy the deployable bundle (ONNX model, tokenizer, config, model card, verification report,
+    benchmark) to a new or empty DEST; loads with ORTModelForFeatureExtraction."""
+    out = zoo.export_bundle(zoo.zoo_root(zoo_dir), entry_id, dest)
+    click.echo(f"exported {entry_id} to {out}")
+
+
+@zoo_group.command("compare")
+@click.argument("entry_ids", nargs=-1, required=True)
+@zoo_option
+@json_option
+def compare_cmd(entry_ids: tuple[str, ...], zoo_dir: Path | None, as_json: bool) -> None:
+    """Entries side by side."""
+    rows = zoo.compare(zoo.zoo_root(zoo_dir), list(entry_ids))
+    _echo_json(rows) if as_json else click.echo(report.compare_table(rows))
+
+
+@zoo_group.command("add")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@zoo_option
+def add_cmd(run_dir: Path, zoo_dir: Path | None) -> None:
+    """Register a finished, verified RUN_DIR (its recipe's gates are checked first)."""
+    from compressor.gates import check_gates
+    from compressor.pipeline import load_run_recipe
+
+    recipe = load_run_recipe(run_dir)
+    check_gates(recipe.gates, run_dir)
+    entry_id = zoo.register(run_dir, zoo.zoo_root(zoo_dir, recipe.zoo.dir))
+    click.echo(f"registered in the zoo: {entry_id}")
+
+
+@zoo_group.command("reindex")
+@zoo_option
+def reindex_cmd(zoo_dir: Path | None) -> None:
+    """Rebuild the index from the entry directories (their manifests)."""
+    result = zoo.reindex(zoo.zoo_root(zoo_dir))
+    click.echo(f"indexed {result['entries']} entries")
+    for s in result["skipped"]:
+        click.echo(f"skipped {s}")

@@ -1,0 +1,127 @@
+"""The model card of a zoo entry: README.md with Hugging Face model-card front matter (base model,
+tags, model-index metrics) and a short human summary. A pure function of the entry's data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from compressor.gates import fp32_speedup
+
+TAGS = ["homodistil", "distillation", "pruning", "onnx"]
+DISCREPANCY = {
+    "feature-extraction": "1 - cosine of mean-pooled sentence embeddings, teacher vs student",
+    "fill-mask": "KL divergence of masked-LM predictions, teacher vs student",
+}
+
+
+def model_index(
+    entry_id: str, task: str, evaluations: list[dict], summary: dict
+) -> list[dict[str, Any]]:
+    """model-index results: one per evaluation, else the held-out discrepancy."""
+    results = [
+        {
+            "task": {
+                "type": e.get("task_type", "text-classification"),
+                "name": f"{e['task']} ({e.get('mode', 'eval')})",
+            },
+            "dataset": {"name": e["task"], "type": e["task"]},
+            "metrics": [
+                {
+                    "type": e["metric"],
+                    "value": e["student"]["mean"],
+                    "name": f"{e['metric']} ({len(e.get('seeds', []))} seeds)",
+                }
+            ],
+        }
+        for e in evaluations
+    ]
+    final = summary.get("discrepancy", {}).get("final")
+    if not results and final is not None:
+        results.append(
+            {
+                "task": {"type": task},
+                "dataset": {"name": "held-out training text", "type": "heldout"},
+                "metrics": [
+                    {
+                        "type": "discrepancy",
+                        "value": final,
+                        "name": DISCREPANCY.get(task, "discrepancy"),
+                    }
+                ],
+            }
+        )
+    return [{"name": entry_id, "results": results}]
+
+
+def model_card(
+    entry_id: str,
+    summary: dict[str, Any],
+    evaluations: list[dict],
+    bench: dict[str, Any] | None,
+    task: str,
+    created: str,
+) -> str:
+    front = {
+        "base_model": summary["teacher"],
+        "library_name": "transformers",
+        "pipeline_tag": task,
+        "tags": TAGS,
+        "model-index": model_index(entry_id, task, evaluations, summary),
+    }
+    s, t = summary["student_shape"], summary["teacher_shape"]
+    shape = f"{s['layers']}L/{s['hidden']}H/{s['heads']}A/{s['ffn']}I"
+    teacher_shape = f"{t['layers']}L/{t['hidden']}H/{t['heads']}A/{t['ffn']}I"
+    speedup = fp32_speedup(bench)
+    ort_class = "ORTModelForMaskedLM" if task == "fill-mask" else "ORTModelForFeatureExtraction"
+    verify = summary.get("export", {}).get("verify", {}).get("model.onnx", {})
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {entry_id}",
+        "",
+        f"A {shape} student of `{summary['teacher']}` ({teacher_shape}), distilled and pruned",
+        f"with HomoDistil by the recipe `{summary['recipe']}` ({summary['steps']} steps). Registered {created}.",
+        "",
+        "| | teacher | student |",
+        "|---|---|---|",
+        f"| shape | {teacher_shape} | {shape} |",
+        f"| parameters | {summary['teacher_params']:,} | {summary['student_params']:,} |",
+    ]
+    if speedup is not None:
+        lines.append(
+            f"| onnxruntime fp32 speedup (p50, first benchmarked shape) | 1x | {speedup:.2f}x |"
+        )
+    for e in evaluations:
+        teacher = (e.get("teacher") or {}).get("mean")
+        t_text = f"{teacher:.4f}" if teacher is not None else "-"
+        lines.append(
+            f"| {e['task']} {e['metric']} ({e.get('mode', '')}) | {t_text} | {e['student']['mean']:.4f} |"
+        )
+    final = summary.get("discrepancy", {}).get("final")
+    if final is not None:
+        lines.append(
+            f"| held-out discrepancy ({DISCREPANCY.get(task, 'discrepancy')}) | 0 | {final:.4g} |"
+        )
+    if verify:
+        lines.append(
+            f"| ONNX vs PyTorch max abs diff (verified) | | {verify.get('max_abs_diff', 0):.2g} |"
+        )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        f"from optimum.onnxruntime import {ort_class}",
+        f'model = {ort_class}.from_pretrained("BUNDLE_DIR")  # compress zoo export ID BUNDLE_DIR',
+        "```",
+        "",
+        "Files: `onnx/` (model.onnx, tokenizer, samples), `model/` (safetensors), `recipe.yaml`,",
+        "`plan.json`, `summary.json`, `benchmark.json`, `verify.json`, `metrics.json`,",
+        "`environment.json`; `manifest.json` holds the sha256 of every file (`compress zoo verify`).",
+        "",
+    ]
+    return "\n".join(lines)
