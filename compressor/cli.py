@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from compressor.cli_eval import compare_cmd, eval_cmd
 from compressor.cli_zoo import zoo_group
 from compressor.errors import CompressError
 
@@ -113,6 +114,8 @@ def recipe_check_cmd(recipe: Path) -> None:
 
 
 main.add_command(zoo_group)
+main.add_command(eval_cmd)
+main.add_command(compare_cmd)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -203,7 +203,9 @@ def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device)
     round-trip through save + stock reload. Export problems show in minute one, not hour ten."""
     batch = corpus.heldout.to(device)
     # the masked forward must equal the stock forward of the model the student starts as
-    reference = teacher.model if recipe.student.init == "teacher" else student
+    reference = teacher.model
+    if recipe.student.init == "random":
+        reference = copy.deepcopy(student).eval()  # the stock forward without dropout
     identity = check_identity(reference, student, batch, teacher.shape)
     masks = magnitude_masks_at_target(recipe, teacher)
     plan = PrunePlan.from_masks(masks, teacher.shape)

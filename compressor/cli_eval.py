@@ -1,0 +1,137 @@
+"""`compress eval` and `compress compare`: downstream quality, and HomoDistil vs its baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from compressor.downstream import EvalSettings
+
+
+def seed_list(_ctx, _param, value: str) -> list[int]:
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def name_list(_ctx, _param, value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def eval_options(f):
+    """Settings shared by `eval` and `compare` (defaults sized for a 2-core CPU)."""
+    d = EvalSettings()
+    options = [
+        click.option("--probe", is_flag=True,
+                     help="Linear probe on frozen mean-pooled embeddings instead of fine-tuning."),
+        click.option("--epochs", type=click.IntRange(1), default=d.epochs, show_default=True),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=d.lr,
+                     show_default=True, help="Fine-tuning learning rate."),
+        click.option("--max-length", type=click.IntRange(8, 4096), default=d.max_length,
+                     show_default=True),
+        click.option("--max-train", type=click.IntRange(10), default=d.max_train, show_default=True,
+                     help="Stratified subsample of the train split."),
+        click.option("--max-eval", type=click.IntRange(10), default=d.max_eval, show_default=True,
+                     help="Cap on the validation and test splits."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def settings_from(probe, epochs, lr, max_length, max_train, max_eval) -> EvalSettings:
+    return EvalSettings("probe" if probe else "finetune", max_length, epochs, lr,
+                        max_train=max_train, max_eval=max_eval)  # fmt: skip
+
+
+@click.command("eval")
+@click.argument("target")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    required=True,
+    help="wiki_topics, rotten_tomatoes, glue/<name>, or a .csv/.jsonl file. Repeatable.",
+)
+@click.option(
+    "--seeds",
+    default="0",
+    callback=seed_list,
+    show_default=True,
+    help="Fine-tuning seeds, averaged (mean and std reported).",
+)
+@eval_options
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--pair-column", default=None, help="Second text column for sentence-pair tasks.")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--no-teacher", is_flag=True, help="Skip the teacher's reference numbers.")
+@click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Zoo location when TARGET is a zoo id (default: $COMPRESS_ZOO or ./zoo).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")  # fmt: skip
+def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max_eval,
+             text_column, pair_column, label_column, no_teacher, zoo_dir, as_json) -> None:  # fmt: skip
+    """Fine-tune (or linear-probe) the student of TARGET on each task and report test accuracy,
+    the teacher's beside it. TARGET is a run directory or a zoo id. Results go into the run's
+    metrics.json, or into the zoo entry (and show in `compress zoo list/compare`)."""
+    from compressor import zoo
+    from compressor.evaluation import append_to_run, evaluate_dir, format_record
+
+    settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
+    run_dir, entry_id = Path(target), None
+    if not (run_dir / "recipe.yaml").exists():
+        root = zoo.zoo_root(zoo_dir)
+        entry_id = zoo.resolve(root, target)
+        run_dir = zoo.entry_dir(root, entry_id)
+    records = []
+    for task in tasks:
+        record = evaluate_dir(run_dir, task, settings, seeds, with_teacher=not no_teacher,
+                              text_column=text_column, pair_column=pair_column,
+                              label_column=label_column)  # fmt: skip
+        if entry_id:
+            zoo.record_evaluation(zoo.zoo_root(zoo_dir), entry_id, record)
+        else:
+            append_to_run(run_dir, record)
+        records.append(record)
+        if not as_json:
+            click.echo(format_record(record))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    where = f"zoo entry {entry_id}" if entry_id else f"{run_dir / 'metrics.json'}"
+    click.echo(f"recorded in {where}", err=True)
+
+
+@click.command("compare")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--baselines",
+    default="one_shot,distilbert,random",
+    callback=name_list,
+    show_default=True,
+    help="Variants to run beside HomoDistil.",
+)
+@click.option("--seeds", default="0,1,2", callback=seed_list, show_default=True)
+@click.option(
+    "--tasks", default="wiki_topics,rotten_tomatoes", callback=name_list, show_default=True
+)
+@eval_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory (runs, results.md/json, plots). Re-running resumes.")  # fmt: skip
+def compare_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
+                max_eval, out) -> None:  # fmt: skip
+    """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
+    evaluate every student, and write a results table and plots."""
+    from compressor.compare import ACCURACY_PNG, CURVES_PNG, RESULTS_MD, compare
+
+    settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
+    variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
+    compare(recipe, out, variants, seeds, tasks, settings)
+    click.echo((out / RESULTS_MD).read_text())
+    click.echo(f"plots: {out / CURVES_PNG}, {out / ACCURACY_PNG}")

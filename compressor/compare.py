@@ -1,0 +1,243 @@
+"""`compress compare`: HomoDistil against the usual ways to get a student of the same shape, at the
+same token budget, over several seeds, measured by the tool itself.
+
+    recipe -> variants x seeds -> run each (resumable) -> evaluate each -> table + plots
+
+Variants are the recipe with a few keys changed (`VARIANTS`), so a baseline differs from HomoDistil
+in nothing but what it names: same teacher, text, target, losses, steps, batch and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.downstream import EvalSettings
+from compressor.errors import RecipeError
+from compressor.metrics import METRICS, read_metrics
+from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict
+
+# what each variant changes in the recipe (HomoDistil is the recipe itself)
+ONE_SHOT = {"schedule": "one_shot", "start_step": 0}
+TRUNCATE = {**ONE_SHOT, "importance": "truncate", "layer_selection": "uniform"}
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "homodistil": {},
+    "one_shot": {"pruning": ONE_SHOT},
+    "distilbert": {"pruning": TRUNCATE},
+    "random": {"student": {"init": "random"}, "pruning": TRUNCATE},
+}
+DESCRIPTIONS = {
+    "homodistil": "iterative pruning while distilling (the recipe)",
+    "one_shot": "(a) prune to the target at step 0 by sensitivity, then distil",
+    "distilbert": "(b) DistilBERT-style init: evenly spaced layers, first-k widths, then distil",
+    "random": "(c) random init at the target shape, then distil",
+}
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+CURVES_PNG, ACCURACY_PNG = "discrepancy.png", "accuracy_vs_params.png"
+
+
+def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
+    """The base recipe with the variant's changes, the seed, and no export (quality only)."""
+    if variant not in VARIANTS:
+        raise RecipeError("--baselines", [f"unknown variant {variant!r} ({', '.join(VARIANTS)})"])
+    raw = recipe_to_dict(base)
+    for section, changes in VARIANTS[variant].items():
+        raw[section] = {**raw.get(section, {}), **changes}
+    raw["name"] = f"{variant}-s{seed}"
+    raw["train"]["seed"] = seed
+    raw["export"]["onnx"] = False
+    raw["bench"]["enabled"] = False
+    return parse_recipe(raw, f"{base.name} [{variant}, seed {seed}]")
+
+
+def run_variant(recipe: Recipe, runs_root: Path) -> Path:
+    """Run (or resume, or reuse) one variant; returns its finished run directory."""
+    from compressor import pipeline
+
+    root = runs_root / recipe.name
+    for d in sorted(root.glob("*/")):
+        if (d / pipeline.SUMMARY_FILE).exists():
+            return d
+        if (d / "checkpoint.pt").exists():
+            return pipeline.resume(d).run_dir
+    return pipeline.run(recipe, runs_root).run_dir
+
+
+def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | None:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    for r in json.loads(path.read_text())["evaluations"]:
+        if r["task"] == task and r["settings"] == settings.to_dict():
+            return r
+    return None
+
+
+def compare(
+    recipe_path: Path,
+    out: Path,
+    variants: list[str],
+    seeds: list[int],
+    tasks: list[str],
+    settings: EvalSettings,
+) -> dict:
+    from compressor.evaluation import append_to_run, evaluate_dir
+
+    base = load_recipe(recipe_path)
+    plan = [(v, s, variant_recipe(base, v, s)) for v in variants for s in seeds]  # validate all
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
+    rows = []
+    for variant, seed, recipe in plan:
+        run_dir = run_variant(recipe, out / "runs")
+        evals = {}
+        for task in tasks:
+            record = evaluation_of(run_dir, task, settings)
+            if record is None:
+                record = evaluate_dir(run_dir, task, settings, [seed])
+                append_to_run(run_dir, record)
+            evals[task] = record
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "run_dir": str(run_dir),
+                "params": summary["student_params"],
+                "discrepancy_final": summary["discrepancy"]["final"],
+                "curve": [
+                    (r["step"], r["discrepancy"])
+                    for r in read_metrics(run_dir / METRICS)
+                    if "discrepancy" in r
+                ],
+                "accuracy": {t: e["student"]["mean"] for t, e in evals.items()},
+                "teacher_accuracy": {t: e["teacher"]["mean"] for t, e in evals.items()},
+                "teacher_params": summary["teacher_params"],
+            }
+        )
+    results = aggregate(rows, base, settings, tasks)
+    (out / RESULTS_JSON).write_text(json.dumps({**results, "runs": rows}, indent=2))
+    (out / RESULTS_MD).write_text(markdown_table(results))
+    plot_curves(rows, out / CURVES_PNG)
+    plot_accuracy(results, out / ACCURACY_PNG)
+    return results
+
+
+# ---------------------------------------------------------------------------- aggregation (pure)
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: list[str]) -> dict:
+    variants: dict[str, dict] = {}
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == v]
+        variants[v] = {
+            "description": DESCRIPTIONS[v],
+            "params": mine[0]["params"],
+            "seeds": [r["seed"] for r in mine],
+            "discrepancy_final": spread([r["discrepancy_final"] for r in mine]),
+            "accuracy": {t: spread([r["accuracy"][t] for r in mine]) for t in tasks},
+        }
+    return {
+        "recipe": base.name,
+        "target": base.target.model_dump(),
+        "steps": base.train.steps,
+        "batch_size": base.train.batch_size,
+        "max_length": base.data.max_length,
+        "eval": settings.to_dict(),
+        "teacher": {
+            "params": rows[0]["teacher_params"],
+            "accuracy": rows[0]["teacher_accuracy"],
+        },
+        "variants": variants,
+    }
+
+
+def markdown_table(res: dict) -> str:
+    tasks = list(res["teacher"]["accuracy"])
+    head = ["variant", "params", "held-out discrepancy (final)"] + [f"{t} acc" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    t = res["teacher"]
+    lines.append(
+        f"| teacher | {t['params'] / 1e6:.1f}M | 0 | "
+        + " | ".join(f"{t['accuracy'][k]:.4f}" for k in tasks)
+        + " |"
+    )
+    for name, v in res["variants"].items():
+        d = v["discrepancy_final"]
+        accs = [f"{v['accuracy'][k]['mean']:.4f} ± {v['accuracy'][k]['std']:.4f}" for k in tasks]
+        cells = [name, f"{v['params'] / 1e6:.1f}M", f"{d['mean']:.4f} ± {d['std']:.4f}", *accs]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = next(iter(res["variants"].values()))["seeds"]
+    lines.append("")
+    lines.append(
+        f"Mean ± sample std over seeds {seeds}; {res['steps']} steps x {res['batch_size']}"
+        f" sequences x {res['max_length']} tokens for every variant; downstream = test accuracy"
+        f" ({res['eval']['mode']}, train {res['eval']['max_train']}, eval {res['eval']['max_eval']})."
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def plot_curves(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        curves = [dict(r["curve"]) for r in rows if r["variant"] == v]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[c[s] for c in curves] for s in steps]
+        mean = [statistics.fmean(x) for x in values]
+        ax.plot(steps, mean, label=v, color=colors[v])
+        ax.fill_between(steps, [min(x) for x in values], [max(x) for x in values],
+                        color=colors[v], alpha=0.2)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out discrepancy (1 - cos)")
+    ax.set_title("teacher-student discrepancy: mean over seeds, band = min..max")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(res["teacher"]["accuracy"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        t = res["teacher"]
+        ax.scatter([t["params"] / 1e6], [t["accuracy"][task]], marker="*", s=150, label="teacher")
+        for i, (name, v) in enumerate(res["variants"].items()):
+            a = v["accuracy"][task]
+            x = v["params"] / 1e6 * (1 + 0.02 * (i - 1.5))  # same size: spread the markers a bit
+            ax.errorbar([x], [a["mean"]], yerr=[a["std"]], fmt="o", capsize=3, label=name)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(f"test accuracy ({res['eval']['mode']})")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

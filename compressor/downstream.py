@@ -1,0 +1,216 @@
+"""Downstream evaluation of an encoder on a classification task: fine-tuning or a linear probe.
+
+Both read mean-pooled token states (how the packaged sentence encoder is meant to be used, and the
+same pooling for teacher and student). Every choice (probe regularisation, fine-tuning epoch) is
+made on the validation split; the test split is read once, for the reported number.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compressor.forward import mean_pool
+from compressor.tasks import Example, Split, Task
+
+PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: Literal["finetune", "probe"] = "finetune"
+    max_length: int = 64
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_train: int | None = 2000
+    max_eval: int | None = 1000
+    split_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((pred == labels).float().mean())
+
+
+def mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def batched(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def tokenize(tokenizer, texts: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+    first = [a for a, _ in texts]
+    second = [b for _, b in texts] if texts and texts[0][1] is not None else None
+    enc = tokenizer(first, second, padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")  # fmt: skip
+    return {
+        k: v.long()
+        for k, v in enc.items()
+        if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+
+
+def pooled(encoder: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = encoder(**batch)
+    return mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+
+# ---------------------------------------------------------------------------- linear probe
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, tokenizer, split: Split, s: EvalSettings, device) -> torch.Tensor:
+    encoder.eval()
+    chunks = [
+        pooled(encoder, {k: v.to(device) for k, v in tokenize(tokenizer, b, s.max_length).items()})
+        for b in batched(split.texts, s.batch_size)
+    ]
+    return torch.cat(chunks).float().cpu()
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float) -> nn.Linear:
+    """Multinomial logistic regression, full batch L-BFGS (convex: deterministic)."""
+    torch.manual_seed(0)
+    clf = nn.Linear(x.shape[1], n_labels)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(clf(x), y) + l2 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return clf
+
+
+def linear_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], n_labels: int
+                 ) -> dict:  # fmt: skip
+    """Standardise with train statistics, choose the L2 strength on validation, score test."""
+    mu, sd = features["train"].mean(0), features["train"].std(0) + 1e-6
+    x = {k: (v - mu) / sd for k, v in features.items()}
+    best = None
+    for l2 in PROBE_L2:
+        clf = fit_logistic(x["train"], labels["train"], n_labels, l2)
+        with torch.no_grad():
+            val = accuracy(clf(x["validation"]).argmax(-1), labels["validation"])
+        if best is None or val > best[0]:
+            best = (val, l2, clf)
+    val, l2, clf = best
+    with torch.no_grad():
+        test = accuracy(clf(x["test"]).argmax(-1), labels["test"])
+    return {"test": test, "validation": val, "l2": l2}
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+class Classifier(nn.Module):
+    """Encoder + a linear layer on the mean-pooled states."""
+
+    def __init__(self, encoder: nn.Module, n_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, n_labels)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled(self.encoder, batch))
+
+
+@torch.no_grad()
+def predict(model: Classifier, tokenizer, split: Split, s: EvalSettings, device) -> torch.Tensor:
+    model.eval()
+    preds = []
+    for b in batched(split.texts, s.batch_size * 2):
+        enc = {k: v.to(device) for k, v in tokenize(tokenizer, b, s.max_length).items()}
+        preds.append(model(**enc).argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: int, device,
+             desc: str = "finetune") -> dict:  # fmt: skip
+    """Fine-tune a copy of the encoder; keep the epoch with the best validation accuracy and
+    report test accuracy at that epoch. Linear warm-up (10%) then linear decay."""
+    import copy
+
+    torch.manual_seed(seed)
+    model = Classifier(copy.deepcopy(encoder), task.num_labels).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)  # a frozen teacher is fine-tuned like any other encoder
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+    order = list(range(len(task.train)))
+    steps = s.epochs * math.ceil(len(order) / s.batch_size)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm)))
+    )
+    y_val, y_test = torch.tensor(task.validation.labels), torch.tensor(task.test.labels)
+    best: dict | None = None
+    bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
+    for epoch in range(s.epochs):
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        model.train()
+        for idx in batched(order, s.batch_size):
+            texts = [task.train.texts[i] for i in idx]
+            enc = {k: v.to(device) for k, v in tokenize(tokenizer, texts, s.max_length).items()}
+            y = torch.tensor([task.train.labels[i] for i in idx], device=device)
+            loss = nn.functional.cross_entropy(model(**enc), y)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val = accuracy(predict(model, tokenizer, task.validation, s, device), y_val)
+        if best is None or val > best["validation"]:
+            test = accuracy(predict(model, tokenizer, task.test, s, device), y_test)
+            best = {"validation": val, "test": test, "epoch": epoch + 1}
+    bar.close()
+    return best
+
+
+# ---------------------------------------------------------------------------- one model, many seeds
+
+
+def evaluate_encoder(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings,
+                     seeds: list[int], device, label: str = "model") -> dict:  # fmt: skip
+    """Test accuracy over seeds (mean, std, per seed). The probe is deterministic given the
+    encoder, so it runs once whatever the seeds."""
+    started = time.time()
+    encoder = encoder.to(device)
+    if s.mode == "probe":
+        splits = {"train": task.train, "validation": task.validation, "test": task.test}
+        feats = {k: embed(encoder, tokenizer, v, s, device) for k, v in splits.items()}
+        labels = {k: torch.tensor(v.labels) for k, v in splits.items()}
+        runs = [linear_probe(feats, labels, task.num_labels)]
+    else:
+        runs = [finetune(encoder, tokenizer, task, s, seed, device, f"{label} seed {seed}")
+                for seed in seeds]  # fmt: skip
+    out = mean_std([r["test"] for r in runs])
+    out["validation"] = [r["validation"] for r in runs]
+    out["chosen"] = [{k: v for k, v in r.items() if k not in ("test", "validation")} for r in runs]
+    out["seconds"] = round(time.time() - started, 1)
+    return out

@@ -1,0 +1,109 @@
+"""`compress eval`: downstream quality of a run's (or a zoo entry's) student, with its teacher
+side by side on the same splits, seeds and settings.
+
+    target -> student + teacher -> task splits -> evaluate both -> metrics.json (run) / zoo record
+
+The teacher's numbers are cached per (teacher content, task, settings, seeds), so evaluating many
+students of one teacher fine-tunes the teacher once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from compressor.bert_params import base_model
+from compressor.deploy import cache_root, teacher_key
+from compressor.downstream import EvalSettings, evaluate_encoder
+from compressor.environment import pick_device
+from compressor.errors import RunDirError
+from compressor.tasks import load_task
+from compressor.teacher import Teacher, load_teacher
+
+EVAL_FILE, MODEL_DIR = "metrics.json", "model"
+METRIC = "accuracy"
+
+
+def evaluate_dir(
+    model_dir_root: Path,
+    task_name: str,
+    settings: EvalSettings,
+    seeds: list[int],
+    teacher: Teacher | None = None,
+    with_teacher: bool = True,
+    device: str = "auto",
+    **task_columns: str | None,
+) -> dict:
+    """Evaluate the student in `model_dir_root/model` (a run dir or zoo entry) and its teacher."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from compressor.pipeline import load_run_recipe
+
+    root = Path(model_dir_root)
+    if not (root / MODEL_DIR).is_dir():
+        raise RunDirError(f"{root}: no slim model ({MODEL_DIR}/); has the run finished?")
+    dev = pick_device(device)
+    task = load_task(task_name, split_seed=settings.split_seed, max_train=settings.max_train,
+                     max_eval=settings.max_eval, **task_columns)  # fmt: skip
+    student = AutoModel.from_pretrained(root / MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(root / MODEL_DIR)
+    record = {
+        "task": task.name,
+        "mode": settings.mode,
+        "metric": METRIC,
+        "seeds": seeds if settings.mode == "finetune" else [],
+        "settings": settings.to_dict(),
+        "splits": task.describe(),
+        "student": evaluate_encoder(student, tokenizer, task, settings, seeds, dev, "student"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if with_teacher:
+        teacher = teacher or load_teacher(load_run_recipe(root).teacher)
+        record["teacher"] = cached_teacher_result(teacher, task, settings, seeds, dev)
+    return record
+
+
+def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds, device) -> dict:
+    key = json.dumps([teacher_key(teacher), task.describe(), settings.to_dict(), seeds])
+    path = cache_root() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    encoder = base_model(teacher.model)
+    result = evaluate_encoder(encoder, teacher.tokenizer, task, settings, seeds, device, "teacher")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
+
+
+def append_to_run(run_dir: Path, record: dict) -> Path:
+    """Append one evaluation to the run's metrics.json (atomically replaced)."""
+    path = Path(run_dir) / EVAL_FILE
+    data = json.loads(path.read_text()) if path.exists() else {"evaluations": []}
+    data["evaluations"].append(record)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def format_record(r: dict) -> str:
+    """Student and teacher side by side, one line each."""
+
+    def line(who: str, x: dict) -> str:
+        spread = f" ± {x['std']:.4f}" if len(x["per_seed"]) > 1 else ""
+        seeds = ", ".join(f"{v:.4f}" for v in x["per_seed"])
+        return f"  {who:<8} {x['mean']:.4f}{spread}   per seed: [{seeds}]   ({x['seconds']} s)"
+
+    head = (
+        f"{r['task']} ({r['mode']}, test {r['metric']}; train {r['splits']['train']},"
+        f" validation {r['splits']['validation']}, test {r['splits']['test']})"
+    )
+    lines = [head, line("student", r["student"])]
+    if "teacher" in r:
+        lines.append(line("teacher", r["teacher"]))
+        lines.append(f"  student / teacher = {r['student']['mean'] / r['teacher']['mean']:.3f}")
+    return "\n".join(lines)

