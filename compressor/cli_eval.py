@@ -122,16 +122,23 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
     "--tasks", default="wiki_topics,rotten_tomatoes", callback=name_list, show_default=True
 )
 @eval_options
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a key of RECIPE for every variant, e.g. pruning.end_step=50.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory (runs, results.md/json, plots). Re-running resumes.")  # fmt: skip
 def compare_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
-                max_eval, out) -> None:  # fmt: skip
+                max_eval, overrides, out) -> None:  # fmt: skip
     """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
     evaluate every student, and write a results table and plots."""
     from compressor.compare import ACCURACY_PNG, CURVES_PNG, RESULTS_MD, compare
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
     variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
-    compare(recipe, out, variants, seeds, tasks, settings)
+    compare(recipe, out, variants, seeds, tasks, settings, list(overrides))
     click.echo((out / RESULTS_MD).read_text())
     click.echo(f"plots: {out / CURVES_PNG}, {out / ACCURACY_PNG}")

@@ -54,6 +54,22 @@ def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
     return parse_recipe(raw, f"{base.name} [{variant}, seed {seed}]")
 
 
+def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with `section.key=value` overrides (values parsed as YAML), re-validated."""
+    raw = recipe_to_dict(base)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) != 2 or not isinstance(raw.get(path[0]), dict):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. pruning.end_step=50")
+            continue
+        raw[path[0]][path[1]] = yaml.safe_load(value)
+    if problems:
+        raise RecipeError(base.name, problems)
+    return parse_recipe(raw, f"{base.name} with --set {' '.join(overrides)}")
+
+
 def run_variant(recipe: Recipe, runs_root: Path) -> Path:
     """Run (or resume, or reuse) one variant; returns its finished run directory."""
     from compressor import pipeline
@@ -84,10 +100,11 @@ def compare(
     seeds: list[int],
     tasks: list[str],
     settings: EvalSettings,
+    overrides: list[str] = (),
 ) -> dict:
     from compressor.evaluation import append_to_run, evaluate_dir
 
-    base = load_recipe(recipe_path)
+    base = with_overrides(load_recipe(recipe_path), list(overrides))
     plan = [(v, s, variant_recipe(base, v, s)) for v in variants for s in seeds]  # validate all
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))

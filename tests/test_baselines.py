@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from compressor import pipeline
-from compressor.compare import VARIANTS, aggregate, markdown_table, variant_recipe
+from compressor.compare import VARIANTS, aggregate, markdown_table, variant_recipe, with_overrides
 from compressor.downstream import EvalSettings
 from compressor.errors import RecipeError
 from compressor.importance import truncation_scores
@@ -152,3 +152,13 @@ def test_aggregate_and_table():
     table = markdown_table(res)
     assert "| homodistil | 0.0M | 0.2000 ± 0.1414 | 0.7000 ± 0.1414 |" in table
     assert "| teacher | 0.0M | 0 | 0.9000 |" in table
+
+
+def test_overrides_apply_to_the_base_and_are_validated():
+    base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
+    r = with_overrides(base, ["pruning.end_step=50", "train.lr=1e-4"])
+    assert r.pruning.end_step == 50 and r.train.lr == 1e-4 and r.target == base.target
+    with pytest.raises(RecipeError, match=r"expected section\.key=value"):
+        with_overrides(base, ["end_step=50"])
+    with pytest.raises(RecipeError, match=r"pruning\.end_step"):
+        with_overrides(base, ["pruning.end_step=500"])  # past train.steps
