@@ -226,7 +226,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
         ax.plot(steps, mean, label=v, color=colors[v])
         ax.fill_between(steps, [min(x) for x in values], [max(x) for x in values],
                         color=colors[v], alpha=0.2)  # fmt: skip
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out discrepancy (1 - cos)")
     ax.set_title("teacher-student discrepancy: mean over seeds, band = min..max")
@@ -246,7 +246,8 @@ def plot_accuracy(res: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         t = res["teacher"]
-        ax.scatter([t["params"] / 1e6], [t["accuracy"][task]], marker="*", s=150, label="teacher")
+        ax.scatter([t["params"] / 1e6], [t["accuracy"][task]], marker="*", s=150, color="black",
+                   label="teacher")  # fmt: skip
         for i, (name, v) in enumerate(res["variants"].items()):
             a = v["accuracy"][task]
             x = v["params"] / 1e6 * (1 + 0.02 * (i - 1.5))  # same size: spread the markers a bit
