@@ -66,6 +66,7 @@ def evaluate_dir(
 
 
 def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds, device) -> dict:
+    seeds = seeds if settings.mode == "finetune" else []  # the probe is deterministic
     key = json.dumps([teacher_key(teacher), task.describe(), settings.to_dict(), seeds])
     path = cache_root() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
