@@ -7,6 +7,7 @@ made on the validation split; the test split is read once, for the reported numb
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import statistics
@@ -153,8 +154,6 @@ def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: i
              desc: str = "finetune") -> dict:  # fmt: skip
     """Fine-tune a copy of the encoder; keep the epoch with the best validation accuracy and
     report test accuracy at that epoch. Linear warm-up (10%) then linear decay."""
-    import copy
-
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(encoder), task.num_labels).to(device)
     for p in model.parameters():

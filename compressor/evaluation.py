@@ -21,6 +21,7 @@ from compressor.environment import pick_device
 from compressor.errors import RunDirError
 from compressor.tasks import load_task
 from compressor.teacher import Teacher, load_teacher
+from compressor.zoo_entry import write_json_atomic
 
 EVAL_FILE, MODEL_DIR = "metrics.json", "model"
 METRIC = "accuracy"
@@ -74,9 +75,7 @@ def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds,
     encoder = base_model(teacher.model)
     result = evaluate_encoder(encoder, teacher.tokenizer, task, settings, seeds, device, "teacher")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, result)
     return result
 
 
@@ -85,9 +84,7 @@ def append_to_run(run_dir: Path, record: dict) -> Path:
     path = Path(run_dir) / EVAL_FILE
     data = json.loads(path.read_text()) if path.exists() else {"evaluations": []}
     data["evaluations"].append(record)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, data)
     return path
 
 
