@@ -1,4 +1,4 @@
-"""Correctness gates. Each returns the measured number and raises CheckFailed past its tolerance."""
+"""Correctness checks. Each returns the measured number and raises CheckFailed past its tolerance."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from compressor.bert_params import student_parameters
 from compressor.data import Batch
 from compressor.errors import CheckFailed
 from compressor.forward import encode
-from compressor.masks import Masks
+from compressor.prune.masks import Masks
 from compressor.shapes import Shape, Vocab, param_count
 
 IDENTITY_ATOL = 1e-5

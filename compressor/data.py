@@ -88,21 +88,25 @@ class Corpus:
         self.spec, self.tok, self.seed = spec, tokenizer, seed
         self.batch_size, self.accum = batch_size, accum
         self._stream = None
+        reserved = spec.heldout + spec.quality_texts  # never trained on
         if spec.source == "hub" and spec.streaming:
             self._stream = open_hub_stream(spec, seed)
-            held = [r[spec.text_field] for r in islice(iter(self._stream), spec.heldout)]
+            first = [r[spec.text_field] for r in islice(iter(self._stream), reserved)]
+            held, quality = first[: spec.heldout], first[spec.heldout :]
             self.train_ids: list[list[int]] = []
         else:
             texts = self._read_all()
-            if len(texts) <= spec.heldout:
+            if len(texts) <= reserved:
                 raise DataError(
-                    f"data: only {len(texts)} texts; need more than data.heldout ({spec.heldout})"
+                    f"data: only {len(texts)} texts; need more than data.heldout +"
+                    f" data.quality_texts ({reserved})"
                 )
             order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
             texts = [texts[i] for i in order.tolist()]
-            held, train = texts[: spec.heldout], texts[spec.heldout :]
-            self.train_ids = self._tokenize(train)
+            held, quality = texts[: spec.heldout], texts[spec.heldout : reserved]
+            self.train_ids = self._tokenize(texts[reserved:])
         self.heldout_texts: list[str] = held
+        self.quality_texts: list[str] = quality
         self.heldout = self.collate(self._tokenize(held))
 
     def _read_all(self) -> list[str]:
@@ -156,7 +160,7 @@ class Corpus:
         return self._perm[offset]
 
     def _stream_batches(self, start_step: int, per_step: int) -> Iterator[list[Batch]]:
-        skip = self.spec.heldout + start_step * per_step
+        skip = self.spec.heldout + self.spec.quality_texts + start_step * per_step
         texts = (r[self.spec.text_field] for r in self._stream.skip(skip))
         while True:
             chunk = [t for t in islice(texts, per_step)]

@@ -15,37 +15,47 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from compressor import schedule
 from compressor.bert_params import pooler, student_parameters
-from compressor.checkpoint import load_checkpoint, save_checkpoint
+from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from compressor.data import Batch, Corpus, mask_tokens
-from compressor.forward import EncoderOutput, encode
-from compressor.importance import (
+from compressor.errors import CheckFailed
+from compressor.forward import EncoderOutput, encode, mean_pool
+from compressor.losses import (
+    HiddenMaps,
+    loss_terms,
+    prediction_kl,
+    representation_cosine,
+    weighted_total,
+)
+from compressor.metrics import MetricsLog
+from compressor.prune import schedule
+from compressor.prune.importance import (
     EmaState,
     entry_scores,
+    instant_importance,
     magnitudes,
+    noise_floor,
+    signal_margins,
     structure_scores,
     truncation_scores,
     update_state,
-    with_magnitude_fallback,
 )
-from compressor.losses import (
-    HiddenMaps,
-    attention_kl,
-    hidden_mse,
-    mlm_cross_entropy,
-    prediction_kl,
-    representation_cosine,
+from compressor.prune.masks import (
+    Masks,
+    greedy_layer_removal,
+    prune_to,
+    select_layers,
+    zero_pruned_weights,
 )
-from compressor.masks import Masks, prune_to, select_layers, zero_pruned_weights
-from compressor.metrics import MetricsLog
+from compressor.quality import similarity_discrepancy
 from compressor.recipe import Recipe
 from compressor.shapes import Shape, param_count
 from compressor.teacher import Teacher
 
-GATES = "__layer_gates__"
+FADE = "__layer_fade__"
 
 
 @dataclass
@@ -53,11 +63,6 @@ class DistillResult:
     masks: Masks
     maps: HiddenMaps
     steps_done: int
-
-
-def target_shape(r: Recipe) -> Shape:
-    t = r.target
-    return Shape(t.layers, t.hidden, t.heads, t.head_dim, t.ffn)
 
 
 def distill(
@@ -70,25 +75,26 @@ def distill(
     stop_after: int | None = None,
 ) -> DistillResult:
     r, p, tr = recipe, recipe.pruning, recipe.train
-    full, target = teacher.shape, target_shape(recipe)
+    full, target = teacher.shape, recipe.target.shape()
     params = student_parameters(student)
     maps = HiddenMaps(full.layers + 1, full.hidden).to(device)
     optimizer = make_optimizer(params, maps, recipe)
     masks = Masks.full(full, device)
-    gates = masks.gates.clone().requires_grad_(True)
-    importance = EmaState.zeros_like({**params, GATES: gates})
-    layers_chosen, start = False, 0
+    fade = masks.fade.clone().requires_grad_(True)
+    importance = EmaState.zeros_like({**params, FADE: fade})
+    layers_chosen, start, floor = False, 0, None
 
     ckpt = load_checkpoint(run_dir)
     if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        maps.load_state_dict(ckpt["maps"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        masks = Masks.from_dict(ckpt["masks"], device)
-        gates = masks.gates.clone().requires_grad_(True)
-        importance = EmaState.from_dict(ckpt["importance"])
-        layers_chosen, start = bool(ckpt["layers_chosen"]), int(ckpt["step"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        student.load_state_dict(ckpt.student)
+        maps.load_state_dict(ckpt.maps)
+        optimizer.load_state_dict(ckpt.optimizer)
+        masks = Masks.from_dict(ckpt.masks, device)
+        fade = masks.fade.clone().requires_grad_(True)
+        importance = EmaState.from_dict(ckpt.importance, device)
+        layers_chosen, start = bool(ckpt.layers_chosen), int(ckpt.step)
+        floor = ckpt.noise_floor
+        torch.set_rng_state(ckpt.torch_rng)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
     heldout = corpus.heldout.to(device)
     with torch.no_grad():
@@ -96,14 +102,18 @@ def distill(
                                  with_logits=teacher.has_mlm_head)  # fmt: skip
     if start == 0:
         log.write(evaluate(0, teacher, student, maps, masks, heldout, teacher_heldout))
+        first = next(corpus.batches(0))[0]
+        floor = noise_floors(r, teacher, student, maps, replace(masks, fade=fade), first, device,
+                             {**params, FADE: fade})  # fmt: skip
+        log.write({"step": 0, "event": "noise_floor", "floor": floor})
 
     def checkpoint(next_step: int) -> None:
-        save_checkpoint(run_dir, {
-            "step": next_step, "student": student.state_dict(), "maps": maps.state_dict(),
-            "optimizer": optimizer.state_dict(), "masks": replace(masks, gates=gates.detach()).to_dict(),
-            "importance": importance.to_dict(), "layers_chosen": layers_chosen,
-            "torch_rng": torch.get_rng_state(),
-        })  # fmt: skip
+        save_checkpoint(run_dir, TrainingState(
+            step=next_step, student=student.state_dict(), maps=maps.state_dict(),
+            optimizer=optimizer.state_dict(), masks=replace(masks, fade=fade.detach()).to_dict(),
+            importance=importance.to_dict(), layers_chosen=layers_chosen,
+            noise_floor=floor, torch_rng=torch.get_rng_state(),
+        ))  # fmt: skip
 
     batches = corpus.batches(start)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16")
@@ -115,10 +125,41 @@ def distill(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # 1. forward teacher and student on each micro-batch, backward the weighted loss
-            masks = replace(masks, gates=gates)
-            terms: dict[str, float] = {}
-            for micro, batch in enumerate(next(batches)):
+            # 1. on pruning steps, shrink the masks to the schedule's widths (never grow them),
+            #    from scores shown to be above the noise floor; then fade the removed layers
+            masks = replace(masks, fade=fade)
+            if schedule.is_pruning_step(step, p.start_step, p.end_step, p.interval, p.schedule):
+                source, scores, margins = pruning_signal(
+                    recipe, teacher, student, maps, masks, corpus, step, device, importance,
+                    {**params, FADE: fade}, floor,
+                )  # fmt: skip
+                event = {"step": step, "event": "prune", "signal": source, "margins": margins}
+                if not layers_chosen and target.layers < full.layers:
+                    kept, why = choose_layers(recipe, teacher, student, masks, corpus, step,
+                                              device, scores[FADE])  # fmt: skip
+                    masks = replace(masks, layers=kept.to(device))
+                    layers_chosen = True
+                    event |= {"layers_kept": kept.nonzero().flatten().tolist(), **why}
+                widths = schedule.widths_at(
+                    step, full, target, p.schedule, p.start_step, p.end_step
+                )
+                ranked = rank_structures(p.importance, student, scores, full, masks.layers)
+                masks = prune_to(masks, ranked, widths)
+                zero_pruned_weights(student, masks)
+                log.write({**event, **widths.to_dict()})
+            if layers_chosen:
+                f = schedule.layer_fade(step, p.schedule, p.start_step, p.end_step)
+                with torch.no_grad():
+                    fade.copy_(torch.where(masks.layers, 1.0, f))
+
+            # 2. forward teacher and student on each micro-batch, backward the weighted loss; a
+            #    student that is still exactly the teacher has nothing to learn (its gradient is
+            #    rounding noise), so that step moves nothing
+            terms: dict[str, float] = {"loss_total": 0.0}
+            step_batches = next(batches)
+            if is_teacher_copy(recipe, masks, optimizer):
+                step_batches, terms["identity_step"] = [], True
+            for micro, batch in enumerate(step_batches):
                 batch = prepare(batch, teacher, recipe, step, micro).to(device)
                 with torch.no_grad(), autocast:
                     t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
@@ -127,53 +168,34 @@ def distill(
                     s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
                                    with_logits=teacher.has_mlm_head,
                                    dropout=r.distill.student_dropout)  # fmt: skip
-                    losses = loss_terms(recipe, t_out, s_out, maps, masks, batch)
-                    total = weighted_total(recipe, losses) / tr.grad_accum
+                    losses = loss_terms(r.distill, t_out, s_out, maps, masks, batch)
+                    total = weighted_total(r.distill, losses) / tr.grad_accum
                 total.backward()
                 for k, v in {**losses, "total": total * tr.grad_accum}.items():
                     key = f"loss_{k}"
                     terms[key] = terms.get(key, 0.0) + float(v.detach()) / tr.grad_accum
-            torch.nn.utils.clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
 
-            # 2. importance from this step's gradients, then the optimizer step
-            if p.importance != "truncate":
-                update_state(importance, {**params, GATES: gates}, p.importance, p.beta1, p.beta2)
-            optimizer.step()
+            # 3. importance from this step's gradients (dL/dtheta, before clipping), then the
+            #    optimizer step
+            if not terms.get("identity_step"):
+                if p.importance != "truncate":
+                    tensors = {**params, FADE: fade}
+                    update_state(importance, tensors, p.importance, p.beta1, p.beta2)
+                clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            gates.grad = None
+            fade.grad = None
             zero_pruned_weights(student, masks)
-
-            # 3. on pruning steps, shrink the masks to the schedule's widths (never grow them)
-            if schedule.is_pruning_step(step, p.start_step, p.end_step, p.interval, p.schedule):
-                if p.importance == "sensitivity" and p.probe_batches and importance.is_blind():
-                    probe_importance(recipe, teacher, student, maps, masks, corpus, step, device,
-                                     importance, {**params, GATES: gates})  # fmt: skip
-                scores = entry_scores(importance, p.uncertainty)
-                if not layers_chosen and target.layers < full.layers:
-                    kept = select_layers(scores[GATES].cpu(), target.layers, p.layer_selection)
-                    masks = replace(masks, layers=kept.to(device))
-                    layers_chosen = True
-                widths = schedule.widths_at(
-                    step, full, target, p.schedule, p.start_step, p.end_step
-                )
-                masks = prune_to(
-                    masks, rank_structures(p.importance, student, scores, full), widths
-                )
-                zero_pruned_weights(student, masks)
-            if layers_chosen:
-                g = schedule.layer_gate(step, p.schedule, p.start_step, p.end_step)
-                with torch.no_grad():
-                    gates.copy_(torch.where(masks.layers, 1.0, g))
 
             # 4. metrics, held-out discrepancy, checkpoint
             done = step + 1
-            alive = replace(masks, gates=gates.detach()).widths()
+            alive = replace(masks, fade=fade.detach()).widths()
             n_params = param_count(alive, teacher.vocab, pooler(student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
                 log.write({"step": done, "lr": lr, **terms, "params": n_params, **alive.to_dict()})
             if done % tr.eval_every == 0 or done == tr.steps:
-                ev = evaluate(done, teacher, student, maps, replace(masks, gates=gates.detach()),
+                ev = evaluate(done, teacher, student, maps, replace(masks, fade=fade.detach()),
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
                 bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
@@ -182,21 +204,220 @@ def distill(
                 checkpoint(done)
             if interrupted():
                 raise KeyboardInterrupt
-    return DistillResult(replace(masks, gates=gates.detach()), maps, last)
+    return DistillResult(replace(masks, fade=fade.detach()), maps, last)
+
+
+def is_teacher_copy(r: Recipe, masks: Masks, optimizer: torch.optim.Optimizer) -> bool:
+    """True while the student is still exactly its teacher and every loss term is at its minimum:
+    initialised as a copy, trained without dropout or an MLM loss, nothing pruned or faded, and no
+    optimizer step taken yet."""
+    return (
+        r.student.init == "teacher"
+        and r.distill.student_dropout == 0
+        and r.distill.mlm == 0  # the MLM loss is not at its minimum at the teacher
+        and not optimizer.state
+        and all(bool(getattr(masks, k).all()) for k in ("hidden", "heads", "qk", "vo", "ffn"))
+        and bool((masks.fade == 1).all())
+    )
+
+
+def choose_layers(
+    r: Recipe,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    masks: Masks,
+    corpus: Corpus,
+    step: int,
+    device: torch.device,
+    fade_scores: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
+    """The layers that stay (irreversible), and what decided it, for the metrics log."""
+    p, keep = r.pruning, r.target.layers
+    if p.layer_selection != "removal":
+        return select_layers(fade_scores.cpu(), keep, p.layer_selection), {}
+    batches = [
+        prepare(b[0], teacher, r, step, 0).to(device)
+        for b in islice(corpus.batches(step), max(1, p.probe_batches))
+    ]
+    with torch.no_grad():
+        targets = [
+            encode(teacher.model, b.input_ids, b.attention_mask, with_logits=teacher.has_mlm_head)
+            for b in batches
+        ]
+
+    def cost(kept: torch.Tensor) -> float:
+        """Discrepancy of the final output with the other layers faded out (forward only)."""
+        trial = replace(masks, layers=kept.to(device), fade=kept.to(masks.fade))
+        with torch.no_grad():
+            return sum(
+                output_discrepancy(teacher, student, trial, b, t)
+                for b, t in zip(batches, targets, strict=True)
+            ) / len(batches)
+
+    kept, rounds = greedy_layer_removal(masks.layers.numel(), keep, cost)
+    return kept, {"layer_removal_costs": rounds}
+
+
+def output_discrepancy(
+    teacher: Teacher, student: torch.nn.Module, masks: Masks, batch: Batch, t: EncoderOutput
+) -> float:
+    """Map-free discrepancy of the final output at the teacher's width: KL of MLM predictions,
+    or 1 - cosine of the mean-pooled sentence embeddings."""
+    s = encode(student, batch.input_ids, batch.attention_mask, masks,
+               with_logits=teacher.has_mlm_head)  # fmt: skip
+    if teacher.has_mlm_head:
+        return float(prediction_kl(t.logits, s.logits, batch.attention_mask.bool(), 1.0))
+    return float(representation_cosine(s.hidden_states[-1], t.hidden_states[-1],
+                                       batch.attention_mask))  # fmt: skip
 
 
 def rank_structures(
-    kind: str, student: torch.nn.Module, scores: dict[str, torch.Tensor], full: Shape
+    kind: str,
+    student: torch.nn.Module,
+    scores: dict[str, torch.Tensor],
+    full: Shape,
+    layers_kept: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Structure scores for `prune_to`: width truncation (first k), or the EMA'd entry scores
-    summed per structure, with magnitude where a kind's sensitivity is still blind."""
+    """Structure scores for `prune_to`: width truncation (first k), or the entry scores summed
+    per structure (sensitivity or magnitude)."""
     if kind == "truncate":
-        return {k: v.to(scores[GATES].device) for k, v in truncation_scores(full).items()}
-    params = student_parameters(student)
-    return with_magnitude_fallback(
-        structure_scores(student, scores, full.head_dim),
-        lambda: structure_scores(student, magnitudes(params), full.head_dim),
-    )
+        return {k: v.to(layers_kept.device) for k, v in truncation_scores(full).items()}
+    return structure_scores(student, scores, full.head_dim, layers_kept)
+
+
+def pruning_signal(
+    r: Recipe,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    masks: Masks,
+    corpus: Corpus,
+    step: int,
+    device: torch.device,
+    importance: EmaState,
+    tensors: dict[str, torch.Tensor],
+    floor: dict[str, dict[str, float]] | None,
+) -> tuple[str, dict[str, torch.Tensor], dict[str, float]]:
+    """The scores a pruning event decides from, which signal they are and their margin over the
+    noise floor per structure kind.
+
+    Sensitivity comes from the importance EMA once it has `pruning.min_history` updates and
+    clears the margin; otherwise probe batches are added to it (dropout batches; nothing but the
+    importance state is updated), after resetting it if what it held did not clear the margin. A probe that does not clear the margin is an error: no decision is ever
+    taken from rounding noise. `magnitude` and `truncate` need no gradient and no floor.
+    """
+    p = r.pruning
+    if p.importance == "truncate":
+        return "truncate", dict(importance.i_bar), {}
+    if p.importance == "magnitude":
+        return "magnitude", magnitudes(tensors), {}
+    source = "ema"
+    floors = floor or {"ema": None, "probe": None}
+    margins = importance_margins(student, importance, floors["ema"], masks, p.beta1, teacher.shape)
+    clear = min(margins.values()) >= p.min_signal_margin
+    if importance.steps < p.min_history or not clear:
+        source = "probe"
+        if not clear:
+            importance.reset()  # what it holds is not signal: start afresh
+        probe_importance(r, teacher, student, maps, masks, corpus, step, device, importance,
+                         tensors)  # fmt: skip
+        margins = importance_margins(
+            student, importance, floors["probe"], masks, p.beta1, teacher.shape
+        )
+        weak = {k: v for k, v in margins.items() if not v >= p.min_signal_margin}
+        if weak:
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in weak.items())
+            raise CheckFailed(
+                f"pruning at step {step}: the probe's importance is not above the noise floor"
+                f" (margin {shown}; needed {p.min_signal_margin}). Raise pruning.probe_batches or"
+                " pruning.probe_dropout; no decision is taken from rounding noise"
+            )
+    # a short probe has no history for PLATON's uncertainty term: rank by its mean importance
+    if source == "ema":
+        return source, entry_scores(importance, p.uncertainty), margins
+    return source, importance.mean_importance(p.beta1), margins
+
+
+def importance_margins(
+    student: torch.nn.Module,
+    importance: EmaState,
+    floor: dict[str, float] | None,
+    masks: Masks,
+    b1: float,
+    full: Shape,
+) -> dict[str, float]:
+    """Per structure kind (and the layer fades), the margin of the mean importance seen so far
+    over the noise floor. Without a floor (a student that never equalled its teacher) every margin
+    is infinite: its gradients are real."""
+    mean = importance.mean_importance(b1)
+    kinds = {**structure_scores(student, mean, full.head_dim, masks.layers), "layers": mean[FADE]}
+    if floor is None:
+        return {k: float("inf") for k in kinds}
+    alive = {
+        "hidden": masks.hidden,
+        "heads": masks.heads,
+        "qk": masks.qk & masks.heads[..., None],
+        "vo": masks.vo & masks.heads[..., None],
+        "ffn": masks.ffn,
+        "layers": torch.ones_like(masks.layers),
+    }
+    return signal_margins(kinds, floor, alive)
+
+
+def noise_floors(
+    r: Recipe,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    masks: Masks,
+    batch: Batch,
+    device: torch.device,
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, dict[str, float]] | None:
+    """The floors the EMA's scores (training precision) and the probe's scores (always fp32) are
+    held to. None when the student does not start as its teacher (its gradients are real)."""
+    if r.student.init != "teacher" or r.pruning.importance != "sensitivity":
+        return None
+    fp32 = measure_noise_floor(r, teacher, student, maps, masks, batch, device, tensors, False)
+    if r.train.precision == "fp32":
+        return {"ema": fp32, "probe": fp32}
+    low = measure_noise_floor(r, teacher, student, maps, masks, batch, device, tensors, True)
+    return {"ema": low, "probe": fp32}
+
+
+def measure_noise_floor(
+    r: Recipe,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    masks: Masks,
+    batch: Batch,
+    device: torch.device,
+    tensors: dict[str, torch.Tensor],
+    bf16: bool,
+) -> dict[str, float]:
+    """The importance that rounding noise alone produces: one backward pass of the student while
+    it still equals the teacher (no dropout), in fp32 or under bf16 autocast."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    batch = prepare(batch, teacher, r, -1, 0).to(device)
+    with torch.no_grad(), autocast:
+        t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
+                       with_logits=teacher.has_mlm_head)  # fmt: skip
+    with autocast:
+        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
+                       with_logits=teacher.has_mlm_head)  # fmt: skip
+        # the distillation terms only: they sit at their minimum at the teacher, the MLM loss
+        # does not (its gradient there is real, not noise)
+        total = weighted_total(
+            r.distill.model_copy(update={"mlm": 0.0}),
+            loss_terms(r.distill, t_out, s_out, maps, masks, batch),
+        )
+    total.backward()
+    noise = {n: instant_importance(t, t.grad, "sensitivity") for n, t in tensors.items()}
+    for t in [*tensors.values(), *maps.parameters()]:
+        t.grad = None
+    kinds = {**structure_scores(student, noise, teacher.shape.head_dim), "layers": noise[FADE]}
+    return noise_floor(kinds)
 
 
 def probe_importance(
@@ -211,9 +432,11 @@ def probe_importance(
     importance: EmaState,
     tensors: dict[str, torch.Tensor],
 ) -> None:
-    """Seed sensitivity while it is blind. As long as the student equals the teacher every loss
-    is at its minimum and its gradient is exactly 0; a few forward/backward passes with dropout in
-    the student give |theta * grad| a signal. Nothing is updated but the importance state."""
+    """Fresh sensitivity when the EMA has too little history (above all while the student still
+    equals the teacher, where every loss gradient is rounding noise): a few forward/backward
+    passes with dropout in the student give |theta * grad| a real signal. Always in fp32, so the
+    decisions it feeds do not depend on the training precision. Nothing is updated but the
+    importance state."""
     p = r.pruning
     for micro_batches in islice(corpus.batches(step), p.probe_batches):
         batch = prepare(micro_batches[0], teacher, r, step, 0).to(device)
@@ -222,7 +445,9 @@ def probe_importance(
                            with_logits=teacher.has_mlm_head)  # fmt: skip
         s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
                        with_logits=teacher.has_mlm_head, dropout=p.probe_dropout)  # fmt: skip
-        weighted_total(r, loss_terms(r, t_out, s_out, maps, masks, batch)).backward()
+        weighted_total(
+            r.distill, loss_terms(r.distill, t_out, s_out, maps, masks, batch)
+        ).backward()
         update_state(importance, tensors, "sensitivity", p.beta1, p.beta2)
         for t in [*tensors.values(), *maps.parameters()]:
             t.grad = None
@@ -246,78 +471,38 @@ def prepare(batch: Batch, teacher: Teacher, r: Recipe, step: int, micro: int) ->
     return mask_tokens(batch, teacher.tokenizer, r.distill.mlm_probability, g)
 
 
-def loss_terms(
-    r: Recipe,
-    t: EncoderOutput,
-    s: EncoderOutput,
-    maps: HiddenMaps,
-    masks: Masks,
-    batch: Batch,
-) -> dict[str, torch.Tensor]:
-    """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms."""
-    d, att = r.distill, batch.attention_mask
-    mapped = [0] + [i + 1 for i in range(masks.layers.numel()) if bool(masks.layers[i])]
-    out: dict[str, torch.Tensor] = {}
-    if d.hidden > 0:
-        out["hidden"] = sum(
-            hidden_mse(maps(i, s.hidden_states[i]), t.hidden_states[i], att) for i in mapped
-        ) / len(mapped)
-    if d.attention > 0:
-        layers = mapped[1:]
-        out["attention"] = sum(
-            attention_kl(t.attentions[i - 1], s.attentions[i - 1], masks.heads[i - 1], att)
-            for i in layers
-        ) / max(1, len(layers))
-    if s.logits is not None and t.logits is not None:
-        if d.prediction > 0:
-            positions = batch.labels != -100
-            out["prediction"] = prediction_kl(t.logits, s.logits, positions, d.temperature)
-        if d.mlm > 0:
-            out["mlm"] = mlm_cross_entropy(s.logits, batch.labels)
-    elif d.prediction > 0:
-        last = len(t.hidden_states) - 1
-        out["prediction"] = representation_cosine(
-            maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
-        )
-    return out
-
-
-def weighted_total(r: Recipe, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    weights = {
-        "hidden": r.distill.hidden,
-        "attention": r.distill.attention,
-        "prediction": r.distill.prediction,
-        "mlm": r.distill.mlm,
-    }
-    return sum(weights[k] * v for k, v in losses.items())
-
-
 @torch.no_grad()
-def discrepancy(
+def evaluate(
+    step: int,
     teacher: Teacher,
     student: torch.nn.Module,
     maps: HiddenMaps,
     masks: Masks,
     batch: Batch,
     t_out: EncoderOutput,
-) -> tuple[float, str]:
-    """Teacher-student discrepancy on a fixed held-out batch: KL of MLM predictions for MLM
-    teachers, else 1 - cosine of the mean-pooled sentence embeddings."""
+) -> dict:
+    """Teacher-student discrepancy on the fixed held-out batch, measured on what ships: KL of MLM
+    predictions for MLM teachers; for head-less encoders 1 - Spearman of the pairwise cosine
+    similarities of the sentence embeddings (quality.py; no learned map, widths may differ). The
+    map-based 1 - cosine is logged beside it as a training signal."""
     s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
                    with_logits=teacher.has_mlm_head)  # fmt: skip
+    att = batch.attention_mask
     if teacher.has_mlm_head:
-        real = batch.attention_mask.bool()
-        return float(prediction_kl(t_out.logits, s_out.logits, real, 1.0)), "mlm_kl"
+        value = float(prediction_kl(t_out.logits, s_out.logits, att.bool(), 1.0))
+        return {"step": step, "discrepancy": value, "discrepancy_kind": "mlm_kl"}
     last = len(t_out.hidden_states) - 1
     mapped = maps(last, s_out.hidden_states[-1])
-    return float(representation_cosine(mapped, t_out.hidden_states[-1], batch.attention_mask)), (
-        "one_minus_cosine"
-    )
-
-
-def evaluate(step, teacher, student, maps, masks, batch, t_out) -> dict:
-    value, kind = discrepancy(teacher, student, maps, masks, batch, t_out)
-    return {"step": step, "discrepancy": value, "discrepancy_kind": kind}
+    return {
+        "step": step,
+        "discrepancy": similarity_discrepancy(
+            mean_pool(s_out.hidden_states[-1], att), mean_pool(t_out.hidden_states[-1], att)
+        ),
+        "discrepancy_kind": "one_minus_similarity_spearman",
+        "mapped_one_minus_cosine": float(
+            representation_cosine(mapped, t_out.hidden_states[-1], att)
+        ),
+    }
 
 
 @contextmanager

@@ -6,8 +6,12 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from compressor.errors import CompressError
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = (
     "torch",
@@ -59,6 +63,8 @@ def cpu_model() -> str:
 
 
 def describe_environment(device: torch.device) -> dict:
+    import torch
+
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -72,10 +78,10 @@ def describe_environment(device: torch.device) -> dict:
 
 
 def pick_device(requested: str) -> torch.device:
+    import torch
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        from compressor.errors import CompressError
-
         raise CompressError("train.device: 'cuda' was asked for but no CUDA device is available")
     return torch.device(requested)

@@ -4,7 +4,7 @@ It computes exactly what the physically slimmed model will compute:
 - pruned Q/K/V rows, FFN neurons and hidden dims are zeroed in the activations;
 - LayerNorm statistics are taken over the kept hidden dims only;
 - attention scores keep the teacher's 1/sqrt(head_dim) (slimming folds the new scale into Q);
-- a layer being removed is faded to the identity: out = x + gate * (layer(x) - x).
+- a layer being removed is faded to the identity: out = x + fade * (layer(x) - x).
 With `masks=None` it is the stock BERT forward (eval mode, no dropout): tests hold it to the
 transformers implementation.
 """
@@ -20,7 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from compressor.bert_params import base_model, layer_tensors, mlm_head
-from compressor.masks import Masks
+from compressor.prune.masks import Masks
 
 
 @dataclass
@@ -106,11 +106,11 @@ def encode(
             inner = inner * masks.ffn[i].to(inner.dtype)
         y = masked_layer_norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln, hid, all_hidden)
         if masks is not None:
-            g = masks.gates[i]
+            g = masks.fade[i]
             if not bool(masks.layers[i]):
-                y = x + g * (y - x)  # fading out: gate 0 makes the layer the identity
+                y = x + g * (y - x)  # fading out: fade 0 makes the layer the identity
             elif g.requires_grad:
-                y = y + (g - g.detach()) * (y - x)  # same value, but dL/dgate for ranking
+                y = y + (g - g.detach()) * (y - x)  # same value, but dL/dfade for ranking
         x = y
         hidden_states.append(x)
         attentions.append(probs)

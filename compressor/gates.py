@@ -1,22 +1,19 @@
-"""The gates a finished run must pass before it is registered: the recipe's `gates` section
-checked against summary.json and benchmark.json. A miss is CheckFailed (exit 3)."""
+"""The recipe's gates: limits a finished run must meet before it is registered (summary.json and
+benchmark.json against the recipe's `gates` section). A miss is CheckFailed (exit 3).
+
+"Gates" means only this in the code: correctness checks live in checks.py and deploy/verify.py,
+and the fade of a layer being removed is `Masks.fade`.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from compressor.deploy.bench import fp32_speedup
 from compressor.errors import CheckFailed
 from compressor.recipe import GatesSpec
-
-SUMMARY_FILE, BENCH_FILE = "summary.json", "benchmark.json"
-
-
-def fp32_speedup(bench: dict[str, Any] | None) -> float | None:
-    """onnxruntime fp32 p50 speedup at the first benchmarked shape (None without a benchmark)."""
-    rows = [r for r in (bench or {}).get("results", []) if r["runtime"] == "onnxruntime"]
-    return rows[0]["speedup_p50"] if rows else None
+from compressor.rundir import BENCH_FILE, read_json, read_summary
 
 
 def gate_failures(
@@ -48,10 +45,8 @@ def gate_failures(
 
 def check_gates(gates: GatesSpec, run_dir: Path) -> None:
     """Raise CheckFailed naming every missed gate of a finished run."""
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    bench_path = run_dir / BENCH_FILE
-    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
-    failures = gate_failures(gates, summary, bench)
+    summary = read_summary(run_dir).to_dict()
+    failures = gate_failures(gates, summary, read_json(Path(run_dir) / BENCH_FILE))
     if failures:
         lines = "\n  ".join(failures)
         raise CheckFailed(f"{run_dir}: gates failed; not registered in the zoo:\n  {lines}")

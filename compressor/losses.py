@@ -1,4 +1,5 @@
-"""Distillation loss terms as pure functions of tensors, plus the learned hidden-state maps."""
+"""Distillation loss terms as pure functions of tensors, the learned hidden-state maps, and the
+assembly of the recipe's terms (`loss_terms`, `weighted_total`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.forward import mean_pool
+from compressor.data import Batch
+from compressor.forward import EncoderOutput, mean_pool
+from compressor.prune.masks import Masks
+from compressor.recipe import DistillSpec
 
 
 class HiddenMaps(nn.Module):
@@ -84,3 +88,52 @@ def mlm_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> tor
         labels.view(-1),
         ignore_index=-100,
     )
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def loss_terms(
+    d: DistillSpec,
+    t: EncoderOutput,
+    s: EncoderOutput,
+    maps: HiddenMaps,
+    masks: Masks,
+    batch: Batch,
+) -> dict[str, torch.Tensor]:
+    """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms."""
+    att = batch.attention_mask
+    mapped = [0] + [i + 1 for i in range(masks.layers.numel()) if bool(masks.layers[i])]
+    out: dict[str, torch.Tensor] = {}
+    if d.hidden > 0:
+        out["hidden"] = sum(
+            hidden_mse(maps(i, s.hidden_states[i]), t.hidden_states[i], att) for i in mapped
+        ) / len(mapped)
+    if d.attention > 0:
+        layers = mapped[1:]
+        out["attention"] = sum(
+            attention_kl(t.attentions[i - 1], s.attentions[i - 1], masks.heads[i - 1], att)
+            for i in layers
+        ) / max(1, len(layers))
+    if s.logits is not None and t.logits is not None:
+        if d.prediction > 0:
+            positions = batch.labels != -100
+            out["prediction"] = prediction_kl(t.logits, s.logits, positions, d.temperature)
+        if d.mlm > 0:
+            out["mlm"] = mlm_cross_entropy(s.logits, batch.labels)
+    elif d.prediction > 0:
+        last = len(t.hidden_states) - 1
+        out["prediction"] = representation_cosine(
+            maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
+        )
+    return out
+
+
+def weighted_total(d: DistillSpec, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    weights = {
+        "hidden": d.hidden,
+        "attention": d.attention,
+        "prediction": d.prediction,
+        "mlm": d.mlm,
+    }
+    return sum(weights[k] * v for k, v in losses.items())

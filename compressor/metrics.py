@@ -6,21 +6,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-METRICS = "metrics.jsonl"
+from compressor.rundir import METRICS_FILE
 
 
 class MetricsLog:
     """Appends records; on resume, drops records written after the checkpoint it resumes from."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / METRICS
+        self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(self.path) if _before(r, resume_step)]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _before(record: dict[str, Any], resume_step: int) -> bool:
+    """Whether a record was written before the step a run resumes at. Step records carry the
+    number of steps done; pruning events the index of the step they open (run again on resume)."""
+    if record.get("event") == "prune":
+        return record["step"] < resume_step
+    return record["step"] <= resume_step
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

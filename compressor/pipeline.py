@@ -1,8 +1,7 @@
 """The orchestrator. Reads like the data flow:
 
-    recipe -> teacher -> student -> corpus -> preflight -> distill+prune -> slim -> check -> report
-
-then export -> verify -> benchmark (deploy.py) -> gates (gates.py) -> register (zoo.py).
+recipe -> teacher -> student -> corpus -> preflight -> distill+prune -> slim -> check -> report
+       -> export -> verify -> benchmark (deploy/stages.py) -> gates (gates.py) -> register (zoo/)
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import AutoModel, AutoModelForMaskedLM
 
-from compressor import schedule
 from compressor.checks import (
     check_identity,
     check_param_count,
@@ -24,32 +23,51 @@ from compressor.checks import (
     roundtrip_in_tempdir,
 )
 from compressor.data import Corpus
-from compressor.deploy import HELDOUT_FILE, bench_run, export_and_verify
-from compressor.distill import distill, target_shape
+from compressor.deploy.stages import deploy
+from compressor.distill import distill
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import RecipeError, RunDirError
+from compressor.forward import mean_pool
 from compressor.gates import check_gates
-from compressor.importance import magnitudes, structure_scores
-from compressor.masks import Masks, prune_to, select_layers
-from compressor.metrics import METRICS, discrepancy_summary, plot_run, read_metrics
-from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, teacher_problems
-from compressor.slim import PrunePlan, save_slim_model, slim
+from compressor.losses import prediction_kl
+from compressor.metrics import discrepancy_summary, plot_run, read_metrics
+from compressor.prune import schedule
+from compressor.prune.importance import magnitudes, structure_scores
+from compressor.prune.masks import Masks, prune_to, select_layers
+from compressor.prune.slim import PrunePlan, save_slim_model, slim
+from compressor.quality import similarity_agreement
+from compressor.recipe import (
+    DataSpec,
+    Recipe,
+    load_recipe,
+    load_run_recipe,
+    recipe_to_dict,
+    teacher_problems,
+    with_overrides,
+)
+from compressor.rundir import (
+    CHECKPOINT_FILE,
+    ENV_FILE,
+    HELDOUT_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    PLAN_FILE,
+    PLOT_FILE,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+    RunSummary,
+    new_run_dir,
+    read_summary,
+    require_run_dir,
+    write_summary,
+)
 from compressor.teacher import (
     Teacher,
     load_teacher,
     read_teacher_config,
     sentence_transformers_files,
 )
-from compressor.zoo import register as zoo_register
-from compressor.zoo import zoo_root
-
-RECIPE_FILE, ENV_FILE, PLAN_FILE, SUMMARY_FILE = (
-    "recipe.yaml",
-    "environment.json",
-    "plan.json",
-    "summary.json",
-)
-MODEL_DIR, PLOT_FILE = "model", "discrepancy.png"
+from compressor.zoo import store as zoo_store
 
 
 @dataclass
@@ -65,13 +83,16 @@ def run(
     stop_after: int | None = None,
     zoo: Path | None = None,
     register: bool = True,
+    overrides: list[str] = (),
 ) -> RunResult:
     """Run a recipe end to end in a new run directory. `teacher` overrides the recipe's teacher
     (tests use it for a randomly initialised BERT-base); `stop_after` ends training early; `zoo`
-    is where a verified result is registered (unless `register` is false)."""
+    is where a verified result is registered (unless `register` is false); `overrides` are
+    `section.key=value` changes to the recipe (`compress run --set`)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = with_overrides(recipe, list(overrides))
     check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
-    run_dir = new_run_dir(recipe, output)
+    run_dir = new_run_dir(Path(output or recipe.output.dir), recipe.name)
     (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
 
@@ -84,9 +105,7 @@ def resume(
     register: bool = True,
 ) -> RunResult:
     """Continue a run from its last checkpoint, with the recipe it was started with."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RECIPE_FILE).exists():
-        raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
+    run_dir = require_run_dir(run_dir)
     if (run_dir / SUMMARY_FILE).exists():
         raise RunDirError(f"{run_dir}: this run already finished (see {SUMMARY_FILE})")
     return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after, zoo, register)
@@ -128,34 +147,37 @@ def _execute(
         student, result.masks.to("cpu"), run_dir / MODEL_DIR, corpus.heldout
     )
     n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
+    quality = shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data)
 
-    records = read_metrics(run_dir / METRICS)
+    records = read_metrics(run_dir / METRICS_FILE)
     plot_run(
         records,
         run_dir / PLOT_FILE,
         f"{recipe.name}: {teacher.shape.label()} -> {plan.shape.label()}",
     )
-    summary = {
-        "recipe": recipe.name,
-        "teacher": teacher.name,
-        "teacher_shape": teacher.shape.to_dict(),
-        "student_shape": plan.shape.to_dict(),
-        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
-        "student_params": n_params,
-        "checks": checks,
-        "discrepancy": discrepancy_summary(records),
-        "steps": tr.steps,
-        "seconds": round(time.time() - started, 1),
-        "device": str(device),
-    }
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the finished model supersedes it
+    summary = RunSummary(
+        recipe=recipe.name,
+        teacher=teacher.name,
+        teacher_shape=teacher.shape.to_dict(),
+        student_shape=plan.shape.to_dict(),
+        teacher_params=sum(p.numel() for p in teacher.model.parameters()),
+        student_params=n_params,
+        checks=checks,
+        discrepancy=discrepancy_summary(records),
+        quality=quality,
+        steps=tr.steps,
+        seconds=round(time.time() - started, 1),
+        device=str(device),
+    )
+    write_summary(run_dir, summary)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished model supersedes it
     if recipe.export.onnx:
-        summary = deploy(run_dir, teacher)
+        deploy(run_dir, teacher)
     check_gates(recipe.gates, run_dir)  # a miss raises CheckFailed: nothing is registered
+    summary = read_summary(run_dir)  # with the deployment stages' results
     if recipe.export.onnx and register and recipe.zoo.register:
-        summary["zoo_id"] = zoo_register(run_dir, zoo_root(zoo, recipe.zoo.dir))
-    return RunResult(run_dir, summary)
+        summary.zoo_id = zoo_store.register(run_dir, zoo_store.zoo_root(zoo, recipe.zoo.dir))
+    return RunResult(run_dir, summary.to_dict())
 
 
 def check_against_teacher(recipe: Recipe, cfg: dict | None = None) -> None:
@@ -167,23 +189,34 @@ def check_against_teacher(recipe: Recipe, cfg: dict | None = None) -> None:
             raise RecipeError(recipe.name, problems)
 
 
-def new_run_dir(recipe: Recipe, output: Path | None) -> Path:
-    root = Path(output or recipe.output.dir) / recipe.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = root / stamp
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = root / f"{stamp}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def latest_run(root: Path) -> Path:
-    runs = sorted(root.glob(f"*/*/{RECIPE_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise RunDirError(f"no runs under {root}")
-    return runs[-1].parent
+@torch.no_grad()
+def shipped_quality(model_dir: Path, teacher: Teacher, texts: list[str], data: DataSpec) -> dict:
+    """Agreement of the saved slim model (loaded with the stock class, as users load it) with the
+    teacher on held-out texts never trained on: the map-free similarity measures of quality.py,
+    and for MLM teachers the KL of MLM predictions over real tokens."""
+    if len(texts) < 3:
+        return {}
+    cls = AutoModelForMaskedLM if teacher.has_mlm_head else AutoModel
+    student = cls.from_pretrained(model_dir).eval()
+    reference = teacher.model.cpu()
+    embeddings: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    kl = []
+    for i in range(0, len(texts), 32):
+        enc = teacher.tokenizer(texts[i : i + 32], padding=True, truncation=True,
+                                max_length=data.max_length, return_tensors="pt")  # fmt: skip
+        att = enc["attention_mask"]
+        for who, model in (("student", student), ("teacher", reference)):
+            out = model(**enc, output_hidden_states=True)
+            embeddings[who].append(mean_pool(out.hidden_states[-1], att))
+            if teacher.has_mlm_head:
+                embeddings[f"{who}_logits"] = out.logits
+        if teacher.has_mlm_head:
+            logits = embeddings.pop("teacher_logits"), embeddings.pop("student_logits")
+            kl.append(float(prediction_kl(*logits, att.bool(), 1.0)))
+    result = similarity_agreement(
+        torch.cat(embeddings["student"]), torch.cat(embeddings["teacher"])
+    )
+    return result | ({"mlm_kl": sum(kl) / len(kl)} if kl else {})
 
 
 def make_student(teacher: Teacher, init: str = "teacher", seed: int = 0) -> torch.nn.Module:
@@ -221,42 +254,18 @@ def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device)
 
 
 def magnitude_masks_at_target(recipe: Recipe, teacher: Teacher) -> Masks:
-    full, target = teacher.shape, target_shape(recipe)
+    full, target = teacher.shape, recipe.target.shape()
     entry = magnitudes(dict(teacher.model.named_parameters()))
     scores = structure_scores(teacher.model, entry, full.head_dim)
     widths = schedule.widths_at(0, full, target, "one_shot", 0, 0)
     masks = prune_to(Masks.full(full), scores, widths)
     kept = select_layers(torch.zeros(full.layers), target.layers, "uniform")
-    return Masks(**{**masks.__dict__, "layers": kept, "gates": kept.float()})
+    return Masks(**{**masks.__dict__, "layers": kept, "fade": kept.float()})
 
 
-def load_run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run was started with."""
-    path = Path(run_dir) / RECIPE_FILE
-    if not path.exists():
-        raise RunDirError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
-    return parse_recipe(yaml.safe_load(path.read_text()), str(path))
-
-
-def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = None) -> dict:
-    """Export -> verify (a gate) -> benchmark for a finished run; updates summary.json."""
-    run_dir = Path(run_dir)
-    if not (run_dir / SUMMARY_FILE).exists():
-        raise RunDirError(f"{run_dir}: training has not finished (no {SUMMARY_FILE})")
+def register_run(run_dir: Path, zoo: Path | None = None) -> str:
+    """Register a finished, verified run in the zoo (`compress zoo add`): its recipe's gates are
+    checked first."""
     recipe = load_run_recipe(run_dir)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    summary.pop("benchmark", None)
-    summary.pop("export", None)  # a failed export must not leave an older success behind
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    summary["export"] = export_and_verify(recipe, run_dir)
-    if recipe.bench.enabled if bench is None else bench:
-        result = bench_run(recipe, run_dir, teacher or load_teacher(recipe.teacher))
-        summary["benchmark"] = {
-            f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
-                "speedup_p50": r["speedup_p50"],
-                "flop_ratio": r["flop_ratio"],
-            }
-            for r in result["results"]
-        }
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+    check_gates(recipe.gates, Path(run_dir))
+    return zoo_store.register(Path(run_dir), zoo_store.zoo_root(zoo, recipe.zoo.dir))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import schedule
-from compressor.distill import target_shape
 from compressor.errors import RecipeError
+from compressor.prune import schedule
 from compressor.recipe import Recipe, load_recipe, teacher_problems
-from compressor.shapes import Shape, Vocab, param_count
+from compressor.shapes import Shape, Vocab, config_has_mlm_head, param_count
 from compressor.teacher import read_teacher_config
 
 
@@ -16,7 +15,7 @@ def plan_report(path: Path) -> str:
     recipe = load_recipe(path)
     cfg = read_teacher_config(recipe.teacher)
     lines = [f"recipe {path}: valid", f"  name: {recipe.name}"]
-    target = target_shape(recipe)
+    target = recipe.target.shape()
     if cfg is None:
         lines.append(
             f"  teacher: {recipe.teacher.id} ({recipe.teacher.source}) - config not reachable"
@@ -30,7 +29,7 @@ def plan_report(path: Path) -> str:
         raise RecipeError(str(path), problems)
     full = Shape.of_config(cfg)
     vocab = Vocab(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"])
-    mlm = any("MaskedLM" in a or "PreTraining" in a for a in cfg.get("architectures") or [])
+    mlm = config_has_mlm_head(cfg)
     n_t, n_s = param_count(full, vocab, mlm_head=mlm), param_count(target, vocab, mlm_head=mlm)
     lines += [
         f"  teacher: {recipe.teacher.id} ({recipe.teacher.source}) {full.label()},"

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compressor.errors import RecipeError
+from compressor.rundir import RECIPE_FILE, require_run_dir
+from compressor.shapes import Shape, config_has_mlm_head
 
 STRUCTURES = ("layers", "heads", "head_dims", "ffn", "hidden")
 
@@ -46,7 +48,10 @@ class DataSpec(_Frozen):
     files: tuple[str, ...] = ()  # local .txt / .jsonl / .json / .parquet
     text_field: str = "text"
     max_length: int = Field(128, ge=8, le=4096)
-    heldout: int = Field(32, ge=1, description="sequences held out for the discrepancy curve")
+    heldout: int = Field(32, ge=3, description="sequences held out for the discrepancy curve")
+    quality_texts: int = Field(
+        256, ge=0, description="more held-out texts for the final, map-free quality (0: none)"
+    )
     shuffle_buffer: int = Field(10_000, ge=1, description="streaming shuffle buffer")
 
 
@@ -62,6 +67,9 @@ class TargetShape(_Frozen):
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def shape(self) -> Shape:
+        return Shape(self.layers, self.hidden, self.heads, self.head_dim, self.ffn)
+
 
 class PruningSpec(_Frozen):
     structures: tuple[Literal["layers", "heads", "head_dims", "ffn", "hidden"], ...] = STRUCTURES
@@ -74,11 +82,22 @@ class PruningSpec(_Frozen):
     start_step: int = Field(0, ge=0)
     end_step: int = Field(ge=0)
     interval: int = Field(10, ge=1)
-    layer_selection: Literal["sensitivity", "uniform"] = "sensitivity"
+    # how the layers to remove are chosen (our extension: the paper keeps depth). `removal`:
+    # greedy, from the measured discrepancy of the final output with each layer faded out;
+    # `sensitivity`: |fade * dL/dfade|; `uniform`: evenly spaced (DistilBERT-style)
+    layer_selection: Literal["removal", "sensitivity", "uniform"] = "removal"
     probe_batches: int = Field(
-        4, ge=0, description="dropout batches that seed sensitivity while the loss is still 0"
+        4, ge=0, description="batches that seed sensitivity (with dropout) or rank layer removal"
     )
     probe_dropout: float = Field(0.1, gt=0.0, lt=1.0)
+    min_history: int = Field(
+        5, ge=1, description="EMA updates before a pruning decision may come from the EMA"
+    )
+    min_signal_margin: float = Field(
+        100.0,
+        gt=1.0,
+        description="required ratio of the median importance to the noise floor, per kind",
+    )
 
 
 class StudentSpec(_Frozen):
@@ -201,6 +220,33 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(raw, source=str(path))
 
 
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run (or a zoo entry) was started with."""
+    path = require_run_dir(run_dir) / RECIPE_FILE
+    return parse_recipe(yaml.safe_load(path.read_text()), str(path))
+
+
+def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with `section.key=value` overrides (values parsed as YAML), re-validated."""
+    if not overrides:
+        return base
+    raw = recipe_to_dict(base)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) != 2 or not isinstance(raw.get(path[0]), dict):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. pruning.end_step=50")
+            continue
+        try:
+            raw[path[0]][path[1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problems.append(f"--set {item!r}: the value is not valid YAML ({err})")
+    if problems:
+        raise RecipeError(base.name, problems)
+    return parse_recipe(raw, f"{base.name} with --set {' '.join(overrides)}")
+
+
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(source, ["the recipe must be a mapping of sections (teacher, data, ...)"])
@@ -301,8 +347,7 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
                 f"pruning.structures: the target shrinks {kind} but '{kind}' is not listed"
                 f" (listed: {', '.join(r.pruning.structures)})"
             )
-    has_mlm = any("MaskedLM" in a or "PreTraining" in a for a in teacher.get("architectures") or [])
-    if r.distill.mlm > 0 and not has_mlm:
+    if r.distill.mlm > 0 and not config_has_mlm_head(teacher):
         p.append(
             f"distill.mlm: {r.distill.mlm} needs a teacher with a masked-LM head;"
             f" this teacher is {teacher.get('architectures')}. Set distill.mlm: 0"

@@ -33,6 +33,11 @@ class Shape:
         )
 
 
+def config_has_mlm_head(cfg: dict) -> bool:
+    """Whether a config (a dict of BertConfig fields) names an architecture with a masked-LM head."""
+    return any("MaskedLM" in a or "PreTraining" in a for a in cfg.get("architectures") or [])
+
+
 @dataclass(frozen=True)
 class Vocab:
     """The sizes that do not change under pruning."""

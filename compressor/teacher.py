@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
-
+from compressor.bert_params import mlm_head
 from compressor.errors import TeacherError
 from compressor.recipe import TeacherSpec
-from compressor.shapes import Shape, Vocab
+from compressor.shapes import Shape, Vocab, config_has_mlm_head
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Teacher:
 
     @property
     def has_mlm_head(self) -> bool:
-        return isinstance(self.model, BertForMaskedLM)
+        return mlm_head(self.model) is not None
 
     @property
     def shape(self) -> Shape:
@@ -57,16 +59,26 @@ def resolve_source(spec: TeacherSpec) -> str:
 
 
 def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
-    """The teacher's config as a dict, without loading weights; None if it is not reachable."""
+    """The teacher's config.json as a dict, without loading weights or a deep-learning stack;
+    None if it is not reachable (a hub teacher while offline)."""
+    src = resolve_source(spec)
     try:
-        return AutoConfig.from_pretrained(resolve_source(spec), revision=spec.revision).to_dict()
-    except TeacherError:
-        raise
-    except OSError:
+        if spec.source == "hub":
+            from huggingface_hub import hf_hub_download
+
+            src = str(Path(hf_hub_download(spec.id, "config.json", revision=spec.revision)).parent)
+        return json.loads((Path(src) / "config.json").read_text())
+    except (OSError, ValueError):
         return None
+    except Exception as err:  # huggingface_hub's offline and connection errors
+        if type(err).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
+            return None
+        raise
 
 
 def load_teacher(spec: TeacherSpec) -> Teacher:
+    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
+
     src = resolve_source(spec)
     try:
         config = AutoConfig.from_pretrained(src, revision=spec.revision)
@@ -77,14 +89,20 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
             f"teacher.id: '{spec.id}' is a {config.model_type!r} model; only BERT-style encoders"
             " (model_type 'bert') are supported"
         )
-    archs = config.architectures or []
-    cls = (
-        BertForMaskedLM if any("MaskedLM" in a or "PreTraining" in a for a in archs) else BertModel
-    )
+    cls = BertForMaskedLM if config_has_mlm_head(config.to_dict()) else BertModel
     model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision)
     local = Path(src) if Path(src).is_dir() else None
     return freeze(Teacher(model, tokenizer, local, name=teacher_name(spec, config.to_dict())))
+
+
+def teacher_key(teacher: Teacher) -> str:
+    """Content key of a teacher: its config and a checksum of every weight."""
+    h = hashlib.sha256(teacher.model.config.to_json_string().encode())
+    for name, p in sorted(teacher.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(f"{float(p.detach().double().sum()):.10e}".encode())
+    return f"{teacher.name.replace('/', '--')}-{h.hexdigest()[:12]}"
 
 
 def freeze(t: Teacher) -> Teacher:

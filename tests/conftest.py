@@ -75,3 +75,16 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def packaged_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source(PACKAGED))
+
+
+def sharp_tiny_bert(mlm: bool = False, seed: int = 0, factor: float = 20.0, **kw):
+    """`tiny_bert` with every Q and K (weights and biases) scaled by `factor`: attention scores
+    grow by factor**2, so attention rows are sharp (near one-hot) instead of nearly uniform, and
+    any error in the attention scale shows up in the outputs."""
+    model = tiny_bert(mlm=mlm, seed=seed, **kw)
+    with torch.no_grad():
+        for layer in model.base_model.encoder.layer:
+            for lin in (layer.attention.self.query, layer.attention.self.key):
+                lin.weight.mul_(factor)
+                lin.bias.mul_(factor)
+    return model

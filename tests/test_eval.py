@@ -11,12 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import BertConfig, BertModel
 
-from compressor import zoo
-from compressor.cli import main
-from compressor.downstream import EvalSettings, evaluate_encoder, finetune, linear_probe
+from compressor.cli.main import main
 from compressor.errors import DataError
-from compressor.evaluation import evaluate_dir
-from compressor.tasks import Split, Task, group_split, load_task, stratified_split, subsample
+from compressor.evaluate.downstream import evaluate_encoder, finetune, linear_probe
+from compressor.evaluate.evaluation import evaluate_dir
+from compressor.evaluate.settings import EvalSettings
+from compressor.evaluate.tasks import (
+    Split,
+    Task,
+    group_split,
+    load_task,
+    stratified_split,
+    subsample,
+)
+from compressor.zoo import store as zoo
 
 # ---------------------------------------------------------------------------- splits
 
@@ -163,7 +171,7 @@ def test_eval_on_a_run_for_both_offline_tasks(tiny_run, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "student" in res.output and "teacher" in res.output
-    records = json.loads((run / "metrics.json").read_text())["evaluations"]
+    records = json.loads((run / "evaluations.json").read_text())["evaluations"]
     assert [r["task"] for r in records] == ["wiki_topics", "rotten_tomatoes"]
     for r in records:
         assert 0 <= r["student"]["mean"] <= 1 and 0 <= r["teacher"]["mean"] <= 1
@@ -178,7 +186,7 @@ def test_eval_on_a_zoo_entry_records_it_in_the_entry(tiny_run, tmp_path):
     )
     assert res.exit_code == 0, res.output
     shown = zoo.show(root, entry)
-    evals = json.loads((zoo.entry_dir(root, entry) / "metrics.json").read_text())["evaluations"]
+    evals = json.loads((zoo.entry_dir(root, entry) / "evaluations.json").read_text())["evaluations"]
     assert evals[-1]["task"] == "rotten_tomatoes" and "teacher" in evals[-1]
     assert "rotten_tomatoes" in json.dumps(shown)
     assert zoo.verify(root, entry)["passed"]  # the recorded evaluation keeps it verifiable

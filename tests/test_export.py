@@ -9,11 +9,12 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from compressor.bench import benchmark, encoder_flops
+from compressor.deploy.bench import benchmark, encoder_flops
+from compressor.deploy.export import export_onnx, save_samples
+from compressor.deploy.verify import Tolerance, verify_export, write_and_gate
 from compressor.errors import CheckFailed
-from compressor.export import INT8_FILE, ONNX_FILE, export_onnx, save_samples
+from compressor.rundir import INT8_FILE, ONNX_FILE
 from compressor.shapes import Shape
-from compressor.verify import Tolerance, verify_export, write_and_gate
 from tests.conftest import tiny_bert
 
 TEXTS = [
@@ -126,7 +127,7 @@ def test_ort_model_loads_the_real_slim_export(tiny_run):
 def test_cli_export_rejects_a_tampered_run(tiny_run, tmp_path):
     import shutil
 
-    from compressor.cli import main
+    from compressor.cli.main import main
 
     run_dir = tmp_path / "copy"
     shutil.copytree(tiny_run.run_dir, run_dir)
@@ -135,7 +136,7 @@ def test_cli_export_rejects_a_tampered_run(tiny_run, tmp_path):
     init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
     init.CopyFrom(numpy_helper.from_array(noisy(numpy_helper.to_array(init)), init.name))
     onnx.save(m, path)
-    from compressor.deploy import verify_again
+    from compressor.deploy.stages import verify_again
 
     with pytest.raises(CheckFailed, match="last_hidden_state"):
         verify_again(run_dir)
@@ -152,7 +153,7 @@ def test_zero_tolerance_run_fails_the_gate_and_is_not_marked_good(tiny_run, tmp_
 
     import yaml
 
-    from compressor.cli import main
+    from compressor.cli.main import main
 
     run_dir = tmp_path / "zero-tol"
     shutil.copytree(tiny_run.run_dir, run_dir)

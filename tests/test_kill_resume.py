@@ -20,7 +20,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     raw["pruning"].update(end_step=20, interval=2)
     recipe = tmp_path / "tiny-kill.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    cli = [sys.executable, "-m", "compressor.cli"]
+    cli = [sys.executable, "-m", "compressor"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     proc = subprocess.Popen([*cli, "run", str(recipe), "--output", str(tmp_path / "killed")],

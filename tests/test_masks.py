@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compressor.masks import Masks, keep_top_k, prune_to, select_layers, zero_pruned_weights
+from compressor.prune.masks import Masks, keep_top_k, prune_to, select_layers, zero_pruned_weights
 from compressor.shapes import Shape
 from tests.conftest import tiny_bert
 

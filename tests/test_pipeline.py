@@ -90,7 +90,8 @@ def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_
     recipe = load_recipe(RECIPES / "bert-base-to-6L384.yaml")
     recipe = recipe.model_copy(update={
         "data": recipe.data.model_copy(update={"source": "wiki_summaries", "streaming": False,
-                                               "name": None, "max_length": 24, "heldout": 2}),
+                                               "name": None, "max_length": 24, "heldout": 3,
+                                               "quality_texts": 8}),
         "pruning": recipe.pruning.model_copy(update={"start_step": 0, "end_step": 3, "interval": 1}),
         "train": recipe.train.model_copy(update={"steps": 4, "batch_size": 2, "grad_accum": 1,
                                                  "device": "cpu", "precision": "fp32",

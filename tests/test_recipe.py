@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from compressor.cli import main
+from compressor.cli.main import main
 from compressor.errors import RecipeError
 from compressor.recipe import load_recipe, parse_recipe
 from tests.conftest import RECIPES

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compressor import schedule
+from compressor.prune import schedule
 from compressor.shapes import Shape
 
 FULL = Shape(12, 768, 12, 64, 3072)

@@ -18,12 +18,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from compressor import zoo, zoo_index
-from compressor.cli import main
+from compressor.cli.main import main
 from compressor.errors import CheckFailed, ZooError
 from compressor.gates import gate_failures
 from compressor.recipe import GatesSpec
-from compressor.zoo_entry import MANIFEST, entry_row, file_table
+from compressor.rundir import MANIFEST_FILE as MANIFEST
+from compressor.zoo import index as zoo_index
+from compressor.zoo import store as zoo
+from compressor.zoo.entry import entry_row, file_table
 from tests.conftest import ROOT
 
 TINY_ID = re.compile(r"all-minilm-l6-v2/homodistil/2L-128H-4A-256I/[0-9a-f]{10}")
@@ -113,7 +115,7 @@ def test_entry_layout_manifest_and_card(entry, root, run_dir):
         "recipe.yaml",
         "plan.json",
         "metrics.jsonl",
-        "metrics.json",
+        "evaluations.json",
         "summary.json",
         "benchmark.json",
         "verify.json",
@@ -128,7 +130,7 @@ def test_entry_layout_manifest_and_card(entry, root, run_dir):
     } <= set(files)
     assert files["onnx/model.onnx"]["bytes"] == (run_dir / "onnx" / "model.onnx").stat().st_size
     assert all((d / p).stat().st_mode & 0o222 == 0 for p in files)  # sealed: read-only
-    assert json.loads((d / "metrics.json").read_text()) == {"evaluations": []}
+    assert json.loads((d / "evaluations.json").read_text()) == {"evaluations": []}
     meta = front_matter((d / "README.md").read_text())
     assert meta["base_model"] == "all-minilm-l6-v2" and meta["library_name"] == "transformers"
     assert meta["tags"] == ["homodistil", "distillation", "pruning", "onnx"]
@@ -174,7 +176,9 @@ def test_cli_list_show_verify_compare(entry, root):
         "quality",
         "created",
     ]
-    assert line.startswith(entry) and "4.25M" in line and "discrepancy" in line
+    assert (
+        line.startswith(entry) and "4.25M" in line and "similarity to teacher" in line
+    )  # measured on what ships
     listed = json.loads(cli("list", *z, "--json").stdout)
     assert [r["id"] for r in listed] == [entry] and listed[0]["params"] == 4254336
 
@@ -322,7 +326,7 @@ def test_verify_names_a_tampered_missing_or_extra_file(entry, root, how):
 def test_record_evaluation_updates_metrics_card_manifest_and_index(entry, root):
     row = zoo.record_evaluation(root, entry, EVALUATION)
     d = zoo.entry_dir(root, entry)
-    evals = json.loads((d / "metrics.json").read_text())["evaluations"]
+    evals = json.loads((d / "evaluations.json").read_text())["evaluations"]
     assert len(evals) == 1 and evals[0]["student"]["mean"] == 0.812 and evals[0]["created"]
     assert row["quality"] == "wiki_topics accuracy 0.812 (teacher 0.853)"
     assert rows(root) == [row] == [entry_row(d)]
@@ -335,8 +339,8 @@ def test_record_evaluation_updates_metrics_card_manifest_and_index(entry, root):
     assert zoo.verify(root, entry)["passed"]
     assert "wiki_topics accuracy 0.812" in cli("list", "--zoo", str(root)).output
 
-    flip_byte(d / "metrics.json")  # a tampered metrics file is not silently blessed
-    with pytest.raises(CheckFailed, match=r"metrics\.json: modified"):
+    flip_byte(d / "evaluations.json")  # a tampered metrics file is not silently blessed
+    with pytest.raises(CheckFailed, match=r"evaluations\.json: modified"):
         zoo.record_evaluation(root, entry, EVALUATION)
 
 
@@ -359,7 +363,7 @@ def test_reindex_rebuilds_an_identical_index(entry, run_dir, root, tmp_path):
     assert len(before) == 2
     (root / ".staging" / "999999999-dead").mkdir()  # junk of a dead process
     for suffix in ("", "-wal", "-shm"):
-        Path(f"{root / zoo_index.INDEX_FILE}{suffix}").unlink(missing_ok=True)
+        Path(f"{root / zoo_index.ZOO_INDEX_FILE}{suffix}").unlink(missing_ok=True)
     res = cli("list", "--zoo", str(root))
     assert res.exit_code == 2 and "reindex" in res.output
     res = cli("reindex", "--zoo", str(root))
@@ -385,7 +389,7 @@ def test_an_unindexed_entry_is_reported_and_adopted_by_the_next_registration(ent
 
 REGISTER = (
     "import sys, time\n"
-    "from compressor.zoo import register\n"
+    "from compressor.zoo.store import register\n"
     "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
     "print(register(sys.argv[1], sys.argv[2]))\n"
 )
@@ -417,7 +421,7 @@ def test_eight_concurrent_registrations_all_land(run_dir, root, tmp_path):
 KILLABLE = (
     "import sys, time\n"
     "from pathlib import Path\n"
-    "import compressor.zoo as z\n"
+    "import compressor.zoo.store as z\n"
     "run, root, marker, stage = sys.argv[1:5]\n"
     "def pause():\n"
     "    Path(marker).touch()\n"
@@ -533,7 +537,7 @@ def test_the_pipeline_checks_gates_before_registering(tmp_path, packaged_tokeniz
 
 
 def test_index_is_wal_sqlite(entry, root):
-    conn = sqlite3.connect(root / zoo_index.INDEX_FILE)
+    conn = sqlite3.connect(root / zoo_index.ZOO_INDEX_FILE)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
     conn.close()

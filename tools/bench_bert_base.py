@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from compressor.bench import benchmark, format_table, write_benchmark
-from compressor.export import INT8_FILE, ONNX_FILE, export_onnx
+from compressor.deploy.bench import benchmark, format_table, write_benchmark
+from compressor.deploy.export import INT8_FILE, ONNX_FILE, export_onnx
 from compressor.recipe import TeacherSpec
 from compressor.shapes import Shape
 from compressor.teacher import resolve_source

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from compressor.deploy.runtime import onnx_providers, ort_session
 from compressor.environment import cpu_model, package_versions
 from compressor.shapes import Shape
-
-BENCH_FILE = "benchmark.json"
 
 
 def encoder_flops(s: Shape, seq: int) -> int:
@@ -37,14 +36,6 @@ def percentiles(ms: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "n": len(ms)}  # fmt: skip
 
 
-def onnx_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, else the CPU provider."""
-    import onnxruntime as ort
-
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-
-
 def _inputs(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -58,11 +49,7 @@ def time_in_this_process(spec: dict[str, Any]) -> dict[str, list[float]]:
     """Worker: time one model on one runtime over the grid; returns ms per call per grid point."""
     threads, warmup, iters = spec["threads"], spec["warmup"], spec["iters"]
     if spec["runtime"].startswith("onnxruntime"):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(spec["path"], opts, providers=onnx_providers())
+        sess = ort_session(Path(spec["path"]), threads, cpu_only=False)
         names = {i.name for i in sess.get_inputs()}
 
         def call(feed):
@@ -94,7 +81,7 @@ def time_in_this_process(spec: dict[str, Any]) -> dict[str, list[float]]:
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, list[float]]:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    res = subprocess.run([sys.executable, "-m", "compressor.bench", json.dumps(spec)],
+    res = subprocess.run([sys.executable, "-m", "compressor.deploy.bench", json.dumps(spec)],
                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
     if res.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {spec['path']}:\n{res.stderr[-2000:]}")
@@ -145,6 +132,12 @@ def benchmark(
         "shapes": {k: v.to_dict() for k, v in shapes.items()},
         "packages": package_versions(),
     }
+
+
+def fp32_speedup(bench: dict[str, Any] | None) -> float | None:
+    """onnxruntime fp32 p50 speedup at the first benchmarked shape (None without a benchmark)."""
+    rows = [r for r in (bench or {}).get("results", []) if r["runtime"] == "onnxruntime"]
+    return rows[0]["speedup_p50"] if rows else None
 
 
 def format_table(bench: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """`compress eval`: downstream quality of a run's (or a zoo entry's) student, with its teacher
 side by side on the same splits, seeds and settings.
 
-    target -> student + teacher -> task splits -> evaluate both -> metrics.json (run) / zoo record
+    target -> student + teacher -> task splits -> evaluate both -> evaluations.json (run) / zoo record
 
 The teacher's numbers are cached per (teacher content, task, settings, seeds), so evaluating many
 students of one teacher fine-tunes the teacher once.
@@ -12,19 +12,53 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from compressor.bert_params import base_model
-from compressor.deploy import cache_root, teacher_key
-from compressor.downstream import EvalSettings, evaluate_encoder
+from compressor.cache import cache_root
 from compressor.environment import pick_device
 from compressor.errors import RunDirError
-from compressor.tasks import load_task
-from compressor.teacher import Teacher, load_teacher
-from compressor.zoo_entry import write_json_atomic
+from compressor.evaluate.downstream import evaluate_encoder
+from compressor.evaluate.settings import EvalSettings
+from compressor.evaluate.tasks import load_task
+from compressor.recipe import load_run_recipe
+from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, read_json, write_json_atomic
+from compressor.teacher import Teacher, load_teacher, teacher_key
+from compressor.zoo import store as zoo_store
 
-EVAL_FILE, MODEL_DIR = "metrics.json", "model"
 METRIC = "accuracy"
+
+
+def evaluate_target(
+    target: str,
+    tasks: list[str],
+    settings: EvalSettings,
+    seeds: list[int],
+    with_teacher: bool = True,
+    zoo_dir: Path | None = None,
+    columns: dict[str, str | None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], str]:
+    """Evaluate a run directory or a zoo entry on each task and record every result (the run's
+    evaluations.json, or the zoo entry in one transaction). Returns the records and where they
+    went."""
+    run_dir, entry_id, root = Path(target), None, zoo_store.zoo_root(zoo_dir)
+    if not is_run_dir(run_dir):
+        entry_id = zoo_store.resolve(root, target)
+        run_dir = zoo_store.entry_dir(root, entry_id)
+    records = []
+    for task in tasks:
+        record = evaluate_dir(run_dir, task, settings, seeds, with_teacher=with_teacher,
+                              **(columns or {}))  # fmt: skip
+        if entry_id:
+            zoo_store.record_evaluation(root, entry_id, record)
+        else:
+            append_to_run(run_dir, record)
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+    return records, f"zoo entry {entry_id}" if entry_id else str(evals_path(run_dir))
 
 
 def evaluate_dir(
@@ -39,8 +73,6 @@ def evaluate_dir(
 ) -> dict:
     """Evaluate the student in `model_dir_root/model` (a run dir or zoo entry) and its teacher."""
     from transformers import AutoModel, AutoTokenizer
-
-    from compressor.pipeline import load_run_recipe
 
     root = Path(model_dir_root)
     if not (root / MODEL_DIR).is_dir():
@@ -80,9 +112,9 @@ def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds,
 
 
 def append_to_run(run_dir: Path, record: dict) -> Path:
-    """Append one evaluation to the run's metrics.json (atomically replaced)."""
-    path = Path(run_dir) / EVAL_FILE
-    data = json.loads(path.read_text()) if path.exists() else {"evaluations": []}
+    """Append one evaluation to the run's evaluations.json (atomically replaced)."""
+    path = evals_path(Path(run_dir))
+    data = read_json(path, {"evaluations": []})
     data["evaluations"].append(record)
     write_json_atomic(path, data)
     return path

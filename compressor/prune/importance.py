@@ -5,11 +5,17 @@ over the parameters each prunable structure spans.
     I_bar <- b1 * I_bar + (1 - b1) * I
     U_bar <- b2 * U_bar + (1 - b2) * |I - I_bar|
     score  = I_bar * U_bar                (PLATON, `uncertainty: true`), else I_bar
+
+Noise floor (ours). While the student equals the teacher every distillation loss sits at its
+minimum and its gradient is 0 in exact arithmetic; in floats it is rounding noise that differs
+from CPU to CPU. `noise_floor` turns one backward pass at that point into a per-kind floor (the
+largest structure score pure noise produces), and `signal_margins` compares a state's scores with
+it: a decision is only taken from scores whose margin over the floor is large (`pruning.
+min_signal_margin`), never from noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +38,26 @@ class EmaState:
             {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()},
         )
 
-    def is_blind(self) -> bool:
-        """True while no gradient has ever been non-zero (the student still equals the teacher)."""
-        return not any(bool(v.any()) for v in self.i_bar.values())
-
     def to_dict(self) -> dict:
         return {"i_bar": self.i_bar, "u_bar": self.u_bar, "steps": self.steps}
 
+    def reset(self) -> None:
+        """Forget everything seen (before a fresh probe)."""
+        for v in [*self.i_bar.values(), *self.u_bar.values()]:
+            v.zero_()
+        self.steps = 0
+
     @classmethod
-    def from_dict(cls, d: dict) -> EmaState:
-        return cls(d["i_bar"], d["u_bar"], int(d["steps"]))
+    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> EmaState:
+        def on(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) for k, v in t.items()}
+
+        return cls(on(d["i_bar"]), on(d["u_bar"]), int(d["steps"]))
+
+    def mean_importance(self, b1: float) -> dict[str, torch.Tensor]:
+        """I_bar without the start-up bias of an EMA begun at 0 (the mean |theta * grad| seen)."""
+        correction = 1.0 - b1**self.steps if self.steps else 1.0
+        return {n: v / correction for n, v in self.i_bar.items()}
 
 
 def instant_importance(param: torch.Tensor, grad: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -84,27 +100,36 @@ def update_state(
     state.steps += 1
 
 
-def with_magnitude_fallback(
-    scores: dict[str, torch.Tensor], magnitude: Callable[[], dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Where a structure kind's sensitivity is all zero, rank it by weight magnitude instead.
+def noise_floor(noise_scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per structure kind, the largest score that pure rounding noise produced."""
+    return {k: float(v.double().max()) for k, v in noise_scores.items()}
 
-    At step 0 the student IS the teacher, so every distillation loss sits at its minimum and its
-    gradient is exactly 0: first-order sensitivity cannot rank anything until the first pruning
-    event moves the student (or an MLM loss is present). Our choice: fall back to magnitude.
-    """
-    blind = [k for k, v in scores.items() if not bool(v.abs().sum() > 0)]
-    if not blind:
-        return scores  # the usual case: no magnitude scores computed on the hot path
-    mag = magnitude()
-    return {k: mag[k] if k in blind else v for k, v in scores.items()}
+
+def signal_margins(
+    scores: dict[str, torch.Tensor], floor: dict[str, float], alive: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Per structure kind, the median score of the alive structures over the kind's noise floor
+    (inf where the floor is exactly 0). A kind with nothing alive is left out."""
+    out = {}
+    for k, v in scores.items():
+        kept = v.double()[alive[k]] if k in alive else v.double().flatten()
+        if kept.numel() == 0 or k not in floor:
+            continue
+        median = float(kept.median())
+        out[k] = median / floor[k] if floor[k] > 0 else (float("inf") if median > 0 else 0.0)
+    return out
 
 
 @torch.no_grad()
 def structure_scores(
-    model: nn.Module, entry: dict[str, torch.Tensor], head_dim: int
+    model: nn.Module,
+    entry: dict[str, torch.Tensor],
+    head_dim: int,
+    layers_kept: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sum entry scores over every tensor each structure spans (the coupling of masks.py)."""
+    """Sum entry scores over every tensor each structure spans (the coupling of masks.py). The
+    hidden dims sum over the layers that stay (`layers_kept`; all when None): a layer fading out
+    is deleted, so its weights say nothing about which hidden dims matter."""
     by_tensor = {id(p): entry[n] for n, p in model.named_parameters() if n in entry}
 
     def s(t: torch.Tensor) -> torch.Tensor:
@@ -129,6 +154,8 @@ def structure_scores(
         vo.append((v_w.sum(1) + s(t.v.bias) + o_w.sum(0)).view(n_heads, head_dim))
         in_w, out_w = s(t.inter.weight), s(t.out.weight)
         ffn.append(in_w.sum(1) + s(t.inter.bias) + out_w.sum(0))
+        if layers_kept is not None and not bool(layers_kept[i]):
+            continue
         hidden += q_w.sum(0) + k_w.sum(0) + v_w.sum(0) + in_w.sum(0)
         hidden += o_w.sum(1) + s(t.o.bias) + out_w.sum(1) + s(t.out.bias)
         for ln in (t.attn_ln, t.out_ln):

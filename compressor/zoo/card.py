@@ -7,11 +7,12 @@ from typing import Any
 
 import yaml
 
-from compressor.gates import fp32_speedup
+from compressor.deploy.bench import fp32_speedup
+from compressor.rundir import ONNX_FILE
 
 TAGS = ["homodistil", "distillation", "pruning", "onnx"]
 DISCREPANCY = {
-    "feature-extraction": "1 - cosine of mean-pooled sentence embeddings, teacher vs student",
+    "feature-extraction": "1 - Spearman of pairwise cosine similarities of sentence embeddings",
     "fill-mask": "KL divergence of masked-LM predictions, teacher vs student",
 }
 
@@ -75,7 +76,7 @@ def model_card(
     teacher_shape = f"{t['layers']}L/{t['hidden']}H/{t['heads']}A/{t['ffn']}I"
     speedup = fp32_speedup(bench)
     ort_class = "ORTModelForMaskedLM" if task == "fill-mask" else "ORTModelForFeatureExtraction"
-    verify = summary.get("export", {}).get("verify", {}).get("model.onnx", {})
+    verify = summary.get("export", {}).get("verify", {}).get(ONNX_FILE, {})
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -100,6 +101,13 @@ def model_card(
         t_text = f"{teacher:.4f}" if teacher is not None else "-"
         lines.append(
             f"| {e['task']} {e['metric']} ({e.get('mode', '')}) | {t_text} | {e['student']['mean']:.4f} |"
+        )
+    quality = summary.get("quality") or {}
+    if "similarity_spearman" in quality:
+        lines.append(
+            f"| agreement with the teacher on {quality['texts']} held-out texts: similarity"
+            f" Spearman / nearest neighbour top-1 | 1 / 1 | {quality['similarity_spearman']:.4f}"
+            f" / {quality['neighbour_top1']:.4f} |"
         )
     final = summary.get("discrepancy", {}).get("final")
     if final is not None:

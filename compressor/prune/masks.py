@@ -6,11 +6,12 @@ Coupling (what moves together) is expressed here once:
 - Q/K dim e of head h: row h*dh+e of Q and of K (they meet in the dot product).
 - V/O dim e of head h: row h*dh+e of V and column h*dh+e of `attention.output.dense`.
 - Hidden dim d: one global mask over every tensor that reads or writes the residual stream.
-- Layer l: a gate fading the layer to the identity; removed once its gate is 0.
+- Layer l: a fade value taking the layer to the identity; removed once its fade is 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -28,8 +29,8 @@ class Masks:
     qk: torch.Tensor  # [L, H, dh] bool (dims of Q and K inside each head)
     vo: torch.Tensor  # [L, H, dh] bool (dims of V and O inside each head)
     ffn: torch.Tensor  # [L, I] bool
-    layers: torch.Tensor  # [L] bool: False = chosen for removal (fading via gates)
-    gates: torch.Tensor  # [L] float: 1 = layer as trained, 0 = identity
+    layers: torch.Tensor  # [L] bool: False = chosen for removal (fading via `fade`)
+    fade: torch.Tensor  # [L] float: 1 = layer as trained, 0 = identity (a layer being removed)
 
     @classmethod
     def full(cls, s: Shape, device: torch.device | str = "cpu") -> Masks:
@@ -43,7 +44,7 @@ class Masks:
             vo=ones(s.layers, s.heads, s.head_dim),
             ffn=ones(s.layers, s.ffn),
             layers=ones(s.layers),
-            gates=torch.ones(s.layers, device=device),
+            fade=torch.ones(s.layers, device=device),
         )
 
     def to_dict(self) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ class Masks:
         """Current alive widths (uniform by construction); a fading layer still counts."""
         alive = self.heads
         return Shape(
-            layers=int((self.layers | (self.gates > 0)).sum()),
+            layers=int((self.layers | (self.fade > 0)).sum()),
             hidden=int(self.hidden.sum()),
             heads=int(alive.sum(1).min()),
             head_dim=int(self.qk.sum(2).min()),
@@ -124,6 +125,26 @@ def select_layers(layer_scores: torch.Tensor, keep: int, how: str) -> torch.Tens
         out[idx] = True
         return out
     return keep_top_k(layer_scores, torch.ones(n, dtype=torch.bool), keep)
+
+
+def greedy_layer_removal(
+    n: int, keep: int, cost: Callable[[torch.Tensor], float]
+) -> tuple[torch.Tensor, list[dict[int, float]]]:
+    """Backward elimination: remove, one at a time, the layer whose removal costs least (`cost`
+    of the kept set, lower is better) until `keep` remain. Ties go to the higher index. Returns
+    the kept mask and every round's cost per candidate layer (the evidence of the decision)."""
+    kept = torch.ones(n, dtype=torch.bool)
+    rounds = []
+    while int(kept.sum()) > keep:
+        costs = {}
+        for i in kept.nonzero().flatten().tolist():
+            trial = kept.clone()
+            trial[i] = False
+            costs[i] = float(cost(trial))
+        drop = min(costs, key=lambda i: (costs[i], -i))
+        kept[drop] = False
+        rounds.append(costs)
+    return kept, rounds
 
 
 @torch.no_grad()

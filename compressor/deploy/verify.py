@@ -1,4 +1,4 @@
-"""Verification of an ONNX export against the saved PyTorch references: a gate, not a warning.
+"""Verification of an ONNX export against the saved PyTorch references: a check that raises, not a warning.
 
 Order of checks, as optimum does it: output names, then shapes, then values (per-output atol +
 rtol * |reference|), then task-level agreement (mean-pooled embedding cosine for encoders, top-1
@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from compressor.deploy.runtime import ort_session
 from compressor.errors import CheckFailed
-from compressor.export import SAMPLES_FILE
-
-VERIFY_FILE = "verify.json"
+from compressor.rundir import SAMPLES_FILE
 
 
 @dataclass(frozen=True)
@@ -49,20 +48,10 @@ def load_samples(export_dir: Path) -> dict[str, dict[str, dict[str, np.ndarray]]
     return out
 
 
-def session(onnx_path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-
 def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyReport:
     """Run every stored sample through onnxruntime and compare with the PyTorch reference."""
     report = VerifyReport(model=onnx_file)
-    sess = session(export_dir / onnx_file)
+    sess = ort_session(export_dir / onnx_file)
     feed_names = {i.name for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     agreements: list[float] = []

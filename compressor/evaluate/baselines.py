@@ -1,4 +1,4 @@
-"""`compress compare`: HomoDistil against the usual ways to get a student of the same shape, at the
+"""`compress baselines`: HomoDistil against the usual ways to get a student of the same shape, at the
 same token budget, over several seeds, measured by the tool itself.
 
     recipe -> variants x seeds -> run each (resumable) -> evaluate each -> table + plots
@@ -16,10 +16,26 @@ from typing import Any
 
 import yaml
 
-from compressor.downstream import EvalSettings
+from compressor import pipeline
 from compressor.errors import RecipeError
-from compressor.metrics import METRICS, read_metrics
-from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict
+from compressor.evaluate.evaluation import append_to_run, evaluate_dir
+from compressor.evaluate.settings import EvalSettings
+from compressor.metrics import read_metrics
+from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, with_overrides
+from compressor.rundir import (
+    BASELINES_ACCURACY_PNG,
+    BASELINES_CURVES_PNG,
+    BASELINES_RESULTS_JSON,
+    BASELINES_RESULTS_MD,
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+    evals_path,
+    read_json,
+    read_summary,
+)
+from compressor.stats import over_seeds
 
 # what each variant changes in the recipe (HomoDistil is the recipe itself)
 ONE_SHOT = {"schedule": "one_shot", "start_step": 0}
@@ -36,8 +52,6 @@ DESCRIPTIONS = {
     "distilbert": "(b) DistilBERT-style init: evenly spaced layers, first-k widths, then distil",
     "random": "(c) random init at the target shape, then distil",
 }
-RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-CURVES_PNG, ACCURACY_PNG = "discrepancy.png", "accuracy_vs_params.png"
 
 
 def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
@@ -54,40 +68,19 @@ def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
     return parse_recipe(raw, f"{base.name} [{variant}, seed {seed}]")
 
 
-def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
-    """The recipe with `section.key=value` overrides (values parsed as YAML), re-validated."""
-    raw = recipe_to_dict(base)
-    problems = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        path = key.strip().split(".")
-        if not sep or len(path) != 2 or not isinstance(raw.get(path[0]), dict):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. pruning.end_step=50")
-            continue
-        raw[path[0]][path[1]] = yaml.safe_load(value)
-    if problems:
-        raise RecipeError(base.name, problems)
-    return parse_recipe(raw, f"{base.name} with --set {' '.join(overrides)}")
-
-
 def run_variant(recipe: Recipe, runs_root: Path) -> Path:
     """Run (or resume, or reuse) one variant; returns its finished run directory."""
-    from compressor import pipeline
-
     root = runs_root / recipe.name
     for d in sorted(root.glob("*/")):
-        if (d / pipeline.SUMMARY_FILE).exists():
+        if (d / SUMMARY_FILE).exists():
             return d
-        if (d / "checkpoint.pt").exists():
+        if (d / CHECKPOINT_FILE).exists():
             return pipeline.resume(d).run_dir
     return pipeline.run(recipe, runs_root).run_dir
 
 
 def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | None:
-    path = run_dir / "metrics.json"
-    if not path.exists():
-        return None
-    for r in json.loads(path.read_text())["evaluations"]:
+    for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
         if r["task"] == task and r["settings"] == settings.to_dict():
             return r
     return None
@@ -102,12 +95,10 @@ def compare(
     settings: EvalSettings,
     overrides: list[str] = (),
 ) -> dict:
-    from compressor.evaluation import append_to_run, evaluate_dir
-
     base = with_overrides(load_recipe(recipe_path), list(overrides))
     plan = [(v, s, variant_recipe(base, v, s)) for v in variants for s in seeds]  # validate all
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
+    (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
     rows = []
     for variant, seed, recipe in plan:
         run_dir = run_variant(recipe, out / "runs")
@@ -118,7 +109,7 @@ def compare(
                 record = evaluate_dir(run_dir, task, settings, [seed])
                 append_to_run(run_dir, record)
             evals[task] = record
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir).to_dict()
         rows.append(
             {
                 "variant": variant,
@@ -128,7 +119,7 @@ def compare(
                 "discrepancy_final": summary["discrepancy"]["final"],
                 "curve": [
                     (r["step"], r["discrepancy"])
-                    for r in read_metrics(run_dir / METRICS)
+                    for r in read_metrics(run_dir / METRICS_FILE)
                     if "discrepancy" in r
                 ],
                 "accuracy": {t: e["student"]["mean"] for t, e in evals.items()},
@@ -137,23 +128,14 @@ def compare(
             }
         )
     results = aggregate(rows, base, settings, tasks)
-    (out / RESULTS_JSON).write_text(json.dumps({**results, "runs": rows}, indent=2))
-    (out / RESULTS_MD).write_text(markdown_table(results))
-    plot_curves(rows, out / CURVES_PNG)
-    plot_accuracy(results, out / ACCURACY_PNG)
+    (out / BASELINES_RESULTS_JSON).write_text(json.dumps({**results, "runs": rows}, indent=2))
+    (out / BASELINES_RESULTS_MD).write_text(markdown_table(results))
+    plot_curves(rows, out / BASELINES_CURVES_PNG)
+    plot_accuracy(results, out / BASELINES_ACCURACY_PNG)
     return results
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-        "values": values,
-    }
 
 
 def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: list[str]) -> dict:
@@ -164,8 +146,8 @@ def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: lis
             "description": DESCRIPTIONS[v],
             "params": mine[0]["params"],
             "seeds": [r["seed"] for r in mine],
-            "discrepancy_final": spread([r["discrepancy_final"] for r in mine]),
-            "accuracy": {t: spread([r["accuracy"][t] for r in mine]) for t in tasks},
+            "discrepancy_final": over_seeds([r["discrepancy_final"] for r in mine]),
+            "accuracy": {t: over_seeds([r["accuracy"][t] for r in mine]) for t in tasks},
         }
     return {
         "recipe": base.name,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
-from compressor.masks import Masks
+from compressor.prune.masks import Masks
 from compressor.shapes import Shape
 
 
@@ -48,9 +48,9 @@ class PrunePlan:
         def idx(t: torch.Tensor) -> list[int]:
             return t.nonzero().flatten().tolist()
 
-        fading = (~m.layers & (m.gates != 0)).nonzero().flatten().tolist()
+        fading = (~m.layers & (m.fade != 0)).nonzero().flatten().tolist()
         if fading:
-            raise ValueError(f"layers {fading} are still fading out (gate > 0): cannot slim yet")
+            raise ValueError(f"layers {fading} are still fading out (fade > 0): cannot slim yet")
         layers = idx(m.layers)
         heads = [idx(m.heads[i]) for i in layers]
         plan = cls(

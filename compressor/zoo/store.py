@@ -23,30 +23,41 @@ from typing import Any
 
 import yaml
 
-from compressor import zoo_index
 from compressor.errors import CheckFailed, RunDirError, ZooError
-from compressor.model_card import model_card
-from compressor.zoo_entry import (
-    CARD,
-    EVALS,
-    ID_SEGMENTS,
-    MANIFEST,
+from compressor.rundir import (
+    BENCH_FILE,
+    CARD_FILE,
+    ENV_FILE,
+    EVALS_FILE,
+    EXPORT_REPORT,
+    LEGACY_EVALS_FILE,
+    MANIFEST_FILE,
+    ONNX_DIR,
     ONNX_MODEL,
     OPTIONAL_RUN_FILES,
+    RECIPE_FILE,
     RUN_FILES,
+    SUMMARY_FILE,
+    VERIFY_FILE,
+    evals_path,
+    read_json,
+    write_json_atomic,
+)
+from compressor.zoo import index as zoo_index
+from compressor.zoo.card import model_card
+from compressor.zoo.entry import (
+    ID_SEGMENTS,
     check_id,
     entry_row,
     file_table,
     fsync_tree,
     make_id,
-    read_json,
     sha256_file,
-    write_json_atomic,
 )
 
 ZOO_ENV, DEFAULT_ROOT = "COMPRESS_ZOO", "zoo"
 ENTRIES, STAGING = "entries", ".staging"
-BUNDLE_EXTRAS = (CARD, "verify.json", "benchmark.json")
+BUNDLE_EXTRAS = (CARD_FILE, VERIFY_FILE, BENCH_FILE)
 
 
 # ---------------------------------------------------------------------------- locations and ids
@@ -150,7 +161,7 @@ def check_registrable(run_dir: Path) -> None:
         raise RunDirError(
             f"{run_dir}: not a finished, exported run (missing: {', '.join(missing or [ONNX_MODEL])})"
         )
-    if read_json(run_dir / "verify.json").get("passed") is not True:
+    if read_json(run_dir / VERIFY_FILE).get("passed") is not True:
         raise CheckFailed(f"{run_dir}: ONNX verification did not pass; not registered")
 
 
@@ -163,7 +174,7 @@ def register(run_dir: Path, root: Path) -> str:
     staging = _new_staging(root)
     try:
         _copy_run(run_dir, staging)
-        summary = read_json(staging / "summary.json")
+        summary = read_json(staging / SUMMARY_FILE)
         entry_id = make_id(summary["teacher"], summary["student_shape"], file_table(staging))
         _finish_entry(staging, entry_id, _now(), str(run_dir.resolve()))
         fsync_tree(staging)
@@ -180,31 +191,31 @@ def _copy_run(run_dir: Path, staging: Path) -> None:
             shutil.copytree(src, staging / name, copy_function=shutil.copyfile)
         elif src.is_file():
             shutil.copyfile(src, staging / name)
-    if not (staging / EVALS).exists():
-        write_json_atomic(staging / EVALS, {"evaluations": []})
+    if not evals_path(staging).exists():
+        write_json_atomic(staging / EVALS_FILE, {"evaluations": []})
 
 
 def _finish_entry(staging: Path, entry_id: str, created: str, source: str) -> None:
     """Model card, then the manifest of every file (card included); then seal."""
-    (staging / CARD).write_text(_card(staging, entry_id, created))
+    (staging / CARD_FILE).write_text(_card(staging, entry_id, created))
     manifest = {
         "id": entry_id,
         "created": created,
         "source_run": source,
         "files": file_table(staging),
     }
-    write_json_atomic(staging / MANIFEST, manifest)
+    write_json_atomic(staging / MANIFEST_FILE, manifest)
     _seal(staging)
 
 
 def _card(d: Path, entry_id: str, created: str) -> str:
-    task = read_json(d / "onnx" / "export.json", {}).get("task", "feature-extraction")
-    evaluations = read_json(d / EVALS, {"evaluations": []})["evaluations"]
+    task = read_json(d / ONNX_DIR / EXPORT_REPORT, {}).get("task", "feature-extraction")
+    evaluations = read_json(evals_path(d), {"evaluations": []})["evaluations"]
     return model_card(
         entry_id,
-        read_json(d / "summary.json"),
+        read_json(d / SUMMARY_FILE),
         evaluations,
-        read_json(d / "benchmark.json"),
+        read_json(d / BENCH_FILE),
         task,
         created,
     )
@@ -254,14 +265,14 @@ def show(root: Path, text: str) -> dict[str, Any]:
     environment and its directory."""
     row = get_entry(root, text)
     d = entry_dir(root, row["id"])
-    recipe = d / "recipe.yaml"
+    recipe = d / RECIPE_FILE
     return {
         **row,
         "dir": str(d),
         "recipe_resolved": yaml.safe_load(recipe.read_text()) if recipe.exists() else None,
-        "benchmark": read_json(d / "benchmark.json"),
-        "verify": read_json(d / "verify.json"),
-        "environment": read_json(d / "environment.json"),
+        "benchmark": read_json(d / BENCH_FILE),
+        "verify": read_json(d / VERIFY_FILE),
+        "environment": read_json(d / ENV_FILE),
     }
 
 
@@ -288,13 +299,13 @@ def file_problems(d: Path, entry_id: str, recorded: dict[str, dict]) -> list[str
     """One line per missing, modified or extra file, and per disagreement with the manifest."""
     problems = []
     try:
-        manifest = read_json(d / MANIFEST)
+        manifest = read_json(d / MANIFEST_FILE)
     except ValueError:
         manifest = {}
     if manifest is None:
-        problems.append(f"{MANIFEST}: missing")
+        problems.append(f"{MANIFEST_FILE}: missing")
     elif manifest.get("id") != entry_id or manifest.get("files") != recorded:
-        problems.append(f"{MANIFEST}: disagrees with the index")
+        problems.append(f"{MANIFEST_FILE}: disagrees with the index")
     actual = file_table(d) if d.is_dir() else {}
     for path, want in recorded.items():
         got = actual.get(path)
@@ -310,7 +321,7 @@ def file_problems(d: Path, entry_id: str, recorded: dict[str, dict]) -> list[str
 
 def onnx_check(d: Path) -> dict[str, Any]:
     """The stored ONNX verification, re-run on the stored samples with the entry's tolerances."""
-    from compressor.deploy import verify_again
+    from compressor.deploy.stages import verify_again
 
     if not (d / ONNX_MODEL).exists():
         return {"passed": False, "error": f"{ONNX_MODEL} is missing"}
@@ -320,6 +331,23 @@ def onnx_check(d: Path) -> dict[str, Any]:
         return {"passed": False, "error": str(err)}
     except Exception as err:  # a corrupt file can fail anywhere in onnxruntime: report, not crash
         return {"passed": False, "error": f"could not run: {type(err).__name__}: {err}"}
+
+
+def verify_zoo(root: Path, entry_id: str | None) -> dict[str, Any]:
+    """Verify one entry, or (`entry_id` None) every entry plus the index itself and the entry
+    directories it does not list. Writes nothing."""
+    ids = [entry_id] if entry_id is not None else [r["id"] for r in list_entries(root)]
+    reports = [verify(root, i) for i in ids]
+    zoo_problems = []
+    if entry_id is None:
+        integrity = index_integrity(root)
+        zoo_problems += [] if integrity == "ok" else [f"index.sqlite: {integrity}"]
+        zoo_problems += [
+            f"{u}: an entry directory the index does not list (run reindex)"
+            for u in unindexed_dirs(root)
+        ]
+    passed = all(r["passed"] for r in reports) and not zoo_problems
+    return {"passed": passed, "entries": reports, "zoo_problems": zoo_problems}
 
 
 def index_integrity(root: Path) -> str:
@@ -397,7 +425,7 @@ def export_bundle(root: Path, text: str, dest: Path) -> Path:
                 raise CheckFailed(
                     f"{rel}: modified since registration; not exported (compress zoo verify {row['id']})"
                 )
-        write_json_atomic(tmp / MANIFEST, {"id": row["id"], "files": file_table(tmp)})
+        write_json_atomic(tmp / MANIFEST_FILE, {"id": row["id"], "files": file_table(tmp)})
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)
@@ -415,30 +443,31 @@ def record_evaluation(root: Path, entry_id: str, evaluation: dict[str, Any]) -> 
     root = Path(root)
     entry_id = resolve(root, entry_id)
     d = entry_dir(root, entry_id)
+    evals = evals_path(d).name  # entries registered before 0.2 keep their metrics.json
     with zoo_index.write_transaction(root) as conn:
         row = zoo_index.get(conn, entry_id)
         stale = [
             p
             for p in file_problems(d, entry_id, row["files"])
-            if p.startswith((EVALS, CARD, MANIFEST))
+            if p.startswith((EVALS_FILE, LEGACY_EVALS_FILE, CARD_FILE, MANIFEST_FILE))
         ]
         if stale:
             raise CheckFailed(f"{entry_id}: not recording an evaluation: " + "; ".join(stale))
-        evaluations = read_json(d / EVALS)["evaluations"]
+        evaluations = read_json(d / evals)["evaluations"]
         evaluations.append({**evaluation, "created": evaluation.get("created") or _now()})
-        manifest = read_json(d / MANIFEST)
-        write_json_atomic(d / EVALS, {"evaluations": evaluations})
-        card_tmp = d / f".{CARD}.tmp-{os.getpid()}"
+        manifest = read_json(d / MANIFEST_FILE)
+        write_json_atomic(d / evals, {"evaluations": evaluations})
+        card_tmp = d / f".{CARD_FILE}.tmp-{os.getpid()}"
         card_tmp.write_text(_card(d, entry_id, manifest["created"]))
-        os.replace(card_tmp, d / CARD)
-        for rel in (EVALS, CARD):
+        os.replace(card_tmp, d / CARD_FILE)
+        for rel in (evals, CARD_FILE):
             (d / rel).chmod(0o444)
             manifest["files"][rel] = {
                 "sha256": sha256_file(d / rel),
                 "bytes": (d / rel).stat().st_size,
             }
-        write_json_atomic(d / MANIFEST, manifest)
-        (d / MANIFEST).chmod(0o444)
+        write_json_atomic(d / MANIFEST_FILE, manifest)
+        (d / MANIFEST_FILE).chmod(0o444)
         new_row = entry_row(d)
         zoo_index.replace(conn, new_row)
     return new_row

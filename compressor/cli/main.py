@@ -1,16 +1,16 @@
 """`compress`: thin click commands over importable functions. User errors exit non-zero with a
-message, never a traceback."""
+message, never a traceback. Heavy modules are imported inside the command that needs them, so
+`--help` and the zoo's read commands start without a deep-learning stack."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from compressor.cli_eval import compare_cmd, eval_cmd
-from compressor.cli_zoo import zoo_group
+from compressor.cli.eval import baselines_cmd, eval_cmd
+from compressor.cli.zoo import zoo_group
 from compressor.errors import CompressError
 
 
@@ -41,23 +41,28 @@ def main() -> None:
 @click.option("--zoo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Zoo to register the result in (default: $COMPRESS_ZOO, zoo.dir, ./zoo).")  # fmt: skip
 @click.option("--no-register", is_flag=True, help="Do not register the result in the zoo.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a key of RECIPE, e.g. train.steps=400 (repeatable).")  # fmt: skip
 def run_cmd(
     recipe: Path | None,
     resume_dir: Path | None,
     output: Path | None,
     zoo: Path | None,
     no_register: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """Distill + prune RECIPE's teacher into its target shape and write a slim model."""
     from compressor import pipeline
 
     if (recipe is None) == (resume_dir is None):
         raise click.UsageError("give a RECIPE, or --resume RUN_DIR (not both)")
+    if resume_dir and overrides:
+        raise click.UsageError("--set changes a new run's recipe; a resumed run keeps its own")
     register = not no_register
     if resume_dir:
         result = pipeline.resume(resume_dir, zoo=zoo, register=register)
     else:
-        result = pipeline.run(recipe, output, zoo=zoo, register=register)
+        result = pipeline.run(recipe, output, zoo=zoo, register=register, overrides=overrides)
     click.echo(json.dumps(result.summary, indent=2))
     click.echo(f"run directory: {result.run_dir}")
     if "zoo_id" in result.summary:
@@ -72,12 +77,13 @@ def run_cmd(
               help="Where to look for the latest run when RUN_DIR is not given.")  # fmt: skip
 def export_cmd(run_dir: Path | None, onnx: bool, no_bench: bool, runs: Path) -> None:
     """Export a finished run (default: the latest) to ONNX, verify it, benchmark it."""
-    from compressor import pipeline
+    from compressor.deploy.stages import deploy
+    from compressor.rundir import latest_run
 
     if not onnx:
         raise click.UsageError("choose a format: --onnx")
-    run_dir = run_dir or pipeline.latest_run(runs)
-    summary = pipeline.deploy(run_dir, bench=False if no_bench else None)
+    run_dir = run_dir or latest_run(runs)
+    summary = deploy(run_dir, bench=False if no_bench else None)
     click.echo(
         json.dumps({k: summary[k] for k in ("export", "benchmark") if k in summary}, indent=2)
     )
@@ -89,13 +95,10 @@ def export_cmd(run_dir: Path | None, onnx: bool, no_bench: bool, runs: Path) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print benchmark.json instead of a table.")
 def bench_cmd(run_dir: Path, as_json: bool) -> None:
     """Re-run the student-vs-teacher latency benchmark of RUN_DIR."""
-    from compressor.bench import format_table
-    from compressor.deploy import bench_run
-    from compressor.pipeline import load_run_recipe
-    from compressor.teacher import load_teacher
+    from compressor.deploy.bench import format_table
+    from compressor.deploy.stages import bench_run_dir
 
-    recipe = load_run_recipe(run_dir)
-    result = bench_run(recipe, run_dir, load_teacher(recipe.teacher))
+    result = bench_run_dir(run_dir)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -115,7 +118,4 @@ def recipe_check_cmd(recipe: Path) -> None:
 
 main.add_command(zoo_group)
 main.add_command(eval_cmd)
-main.add_command(compare_cmd)
-
-if __name__ == "__main__":
-    sys.exit(main())
+main.add_command(baselines_cmd)

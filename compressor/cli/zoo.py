@@ -1,5 +1,6 @@
-"""`compress zoo ...`: thin click commands over compressor.zoo. `--zoo PATH` on every command
-(default: $COMPRESS_ZOO, else ./zoo); `--json` on the read commands."""
+"""`compress zoo ...`: thin click commands over compressor.zoo.store. `--zoo PATH` on every command
+(default: $COMPRESS_ZOO, else ./zoo); `--json` on the read commands. Light imports only: listing
+an index must not load a deep-learning stack."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from compressor import zoo
-from compressor import zoo_report as report
 from compressor.errors import CheckFailed
+from compressor.zoo import report
+from compressor.zoo import store as zoo
 
 zoo_option = click.option(
     "--zoo",
@@ -40,13 +41,8 @@ def list_cmd(zoo_dir: Path | None, as_json: bool) -> None:
     rows = zoo.list_entries(root)
     if as_json:
         _echo_json([{k: v for k, v in r.items() if k not in ("files", "summary")} for r in rows])
-    elif not rows:
-        click.echo(
-            f"the zoo at {root} is empty: `compress run RECIPE` registers every run that"
-            " passes its gates"
-        )
     else:
-        click.echo(report.list_table(rows))
+        click.echo(report.list_table(rows) if rows else report.empty_zoo_text(root))
 
 
 @zoo_group.command("show")
@@ -72,28 +68,10 @@ def verify_cmd(
     if (entry_id is None) == (not all_entries):
         raise click.UsageError("give an ENTRY_ID, or --all (not both)")
     root = zoo.zoo_root(zoo_dir)
-    ids = [r["id"] for r in zoo.list_entries(root)] if all_entries else [entry_id]
-    reports = [zoo.verify(root, i) for i in ids]
-    zoo_problems = []
-    if all_entries:
-        integrity = zoo.index_integrity(root)
-        zoo_problems += [] if integrity == "ok" else [f"index.sqlite: {integrity}"]
-        for u in zoo.unindexed_dirs(root):
-            zoo_problems.append(f"{u}: an entry directory the index does not list (run reindex)")
-    failed = [r for r in reports if not r["passed"]]
-    if as_json:
-        passed = not failed and not zoo_problems
-        _echo_json({"passed": passed, "entries": reports, "zoo_problems": zoo_problems})
-    else:
-        for r in reports:
-            click.echo(report.verify_text(r))
-        for line in zoo_problems:
-            click.echo(line)
-    if failed or zoo_problems:
-        lines = [f"{r['id']}: {p}" for r in failed for p in r["problems"]] + zoo_problems
-        raise CheckFailed("zoo verification failed:\n  " + "\n  ".join(lines))
-    if all_entries and not reports:
-        click.echo(f"the zoo at {root} is empty")
+    result = zoo.verify_zoo(root, entry_id)
+    _echo_json(result) if as_json else click.echo(report.verify_zoo_text(result, root))
+    if not result["passed"]:
+        raise CheckFailed(report.verify_failure(result))
 
 
 @zoo_group.command("rm")
@@ -130,13 +108,9 @@ def compare_cmd(entry_ids: tuple[str, ...], zoo_dir: Path | None, as_json: bool)
 @zoo_option
 def add_cmd(run_dir: Path, zoo_dir: Path | None) -> None:
     """Register a finished, verified RUN_DIR (its recipe's gates are checked first)."""
-    from compressor.gates import check_gates
-    from compressor.pipeline import load_run_recipe
+    from compressor.pipeline import register_run  # loads torch: only this command needs it
 
-    recipe = load_run_recipe(run_dir)
-    check_gates(recipe.gates, run_dir)
-    entry_id = zoo.register(run_dir, zoo.zoo_root(zoo_dir, recipe.zoo.dir))
-    click.echo(f"registered in the zoo: {entry_id}")
+    click.echo(f"registered in the zoo: {register_run(run_dir, zoo_dir)}")
 
 
 @zoo_group.command("reindex")

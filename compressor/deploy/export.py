@@ -17,14 +17,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from compressor.errors import CheckFailed
-
-ONNX_FILE, INT8_FILE = "model.onnx", "model_int8.onnx"
-SAMPLES_FILE, EXPORT_REPORT = "samples.safetensors", "export.json"
+from compressor.rundir import EXPORT_REPORT, INT8_FILE, ONNX_FILE, SAMPLES_FILE
+from compressor.shapes import config_has_mlm_head
 
 
 def task_of(model_dir: Path) -> str:
-    archs = AutoConfig.from_pretrained(model_dir).architectures or []
-    return "fill-mask" if any("MaskedLM" in a for a in archs) else "feature-extraction"
+    cfg = AutoConfig.from_pretrained(model_dir).to_dict()
+    return "fill-mask" if config_has_mlm_head(cfg) else "feature-extraction"
 
 
 def load_reference(model_dir: Path, task: str) -> torch.nn.Module:
@@ -37,7 +36,7 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export `model_dir` to `out_dir/model.onnx` (+ tokenizer and config). `optimize` applies
     onnxruntime's BERT fusions (fused attention, skip-LayerNorm, bias-GELU); `int8` adds a
-    dynamic int8 model. The verification gate checks whatever ends up in the files."""
+    dynamic int8 model. The verification check covers whatever ends up in the files."""
     task = task_of(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -10,34 +10,18 @@ from __future__ import annotations
 import copy
 import math
 import random
-import statistics
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from compressor.evaluate.settings import EvalSettings
+from compressor.evaluate.tasks import Example, Split, Task
 from compressor.forward import mean_pool
-from compressor.tasks import Example, Split, Task
+from compressor.stats import over_seeds
 
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    mode: Literal["finetune", "probe"] = "finetune"
-    max_length: int = 64
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 32
-    max_train: int | None = 2000
-    max_eval: int | None = 1000
-    split_seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -45,14 +29,6 @@ class EvalSettings:
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
-
-
-def mean_std(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "per_seed": values,
-    }
 
 
 def batched(items: list, size: int) -> list[list]:
@@ -208,7 +184,7 @@ def evaluate_encoder(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings,
     else:
         runs = [finetune(encoder, tokenizer, task, s, seed, device, f"{label} seed {seed}")
                 for seed in seeds]  # fmt: skip
-    out = mean_std([r["test"] for r in runs])
+    out = over_seeds([r["test"] for r in runs])
     out["validation"] = [r["validation"] for r in runs]
     out["chosen"] = [{k: v for k, v in r.items() if k not in ("test", "validation")} for r in runs]
     out["seconds"] = round(time.time() - started, 1)

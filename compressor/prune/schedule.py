@@ -37,7 +37,7 @@ def widths_at(step: int, full: Shape, target: Shape, kind: str, start: int, end:
     """Keep-counts of every structure kind after the pruning event at `step`.
 
     Rounded to whole structures; never below the target, never above the full width. Layers are
-    not counted down: they fade (see `layer_gate`) and are removed when the gate reaches 0.
+    not counted down: they fade (see `layer_fade`) and are removed when their fade reaches 0.
     """
     r = remaining(step, kind, start, end)
 
@@ -53,8 +53,8 @@ def widths_at(step: int, full: Shape, target: Shape, kind: str, start: int, end:
     )
 
 
-def layer_gate(step: int, kind: str, start: int, end: int) -> float:
-    """Gate of a layer chosen for removal: 1 = the layer as trained, 0 = identity (removable).
+def layer_fade(step: int, kind: str, start: int, end: int) -> float:
+    """Fade of a layer chosen for removal: 1 = the layer as trained, 0 = identity (removable).
 
     Follows the same curve as the widths, so depth fades out alongside width (our extension).
     """

@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from compressor.deploy.bench import format_table as format_bench_table
+
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns, two spaces apart, a rule under the header."""
@@ -95,23 +97,6 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     return format_table(["", *(f"#{i + 1}" for i in range(len(rows)))], body)
 
 
-def bench_table(bench: dict[str, Any]) -> str:
-    body = [
-        [
-            r["runtime"],
-            str(r["batch"]),
-            str(r["seq"]),
-            f"{r['teacher_ms']['p50']:.2f} ms",
-            f"{r['student_ms']['p50']:.2f} ms",
-            speedup_text(r["speedup_p50"]),
-            speedup_text(r["flop_ratio"]),
-        ]
-        for r in bench["results"]
-    ]
-    headers = ["runtime", "batch", "seq", "teacher p50", "student p50", "speedup", "FLOP ratio"]
-    return format_table(headers, body) + f"\nthreads={bench['threads']} cpu={bench['cpu']}"
-
-
 def show_text(e: dict[str, Any]) -> str:
     verified = (e["verify"] or {}).get("passed")
     lines = [
@@ -141,7 +126,7 @@ def show_text(e: dict[str, Any]) -> str:
         table = format_table(["task", "mode", "metric", "student", "seeds", "created"], body)
         lines += ["", "evaluations", table]
     if e["benchmark"]:
-        lines += ["", "benchmark", bench_table(e["benchmark"])]
+        lines += ["", "benchmark", format_bench_table(e["benchmark"])]
     if e["recipe_resolved"]:
         lines += [
             "",
@@ -151,6 +136,23 @@ def show_text(e: dict[str, Any]) -> str:
     files = [[p, str(f["bytes"]), str(f["sha256"])[:16]] for p, f in e["files"].items()]
     lines += ["", "files", format_table(["path", "bytes", "sha256"], files)]
     return "\n".join(lines)
+
+
+def empty_zoo_text(root) -> str:
+    return (
+        f"the zoo at {root} is empty: `compress run RECIPE` registers every run that passes its"
+        " gates"
+    )
+
+
+def verify_zoo_text(result: dict[str, Any], root) -> str:
+    lines = [verify_text(r) for r in result["entries"]] + result["zoo_problems"]
+    return "\n".join(lines) if lines else f"the zoo at {root} is empty"
+
+
+def verify_failure(result: dict[str, Any]) -> str:
+    lines = [f"{r['id']}: {p}" for r in result["entries"] if not r["passed"] for p in r["problems"]]
+    return "zoo verification failed:\n  " + "\n  ".join(lines + result["zoo_problems"])
 
 
 def verify_text(report: dict[str, Any]) -> str:

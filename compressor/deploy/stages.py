@@ -1,4 +1,4 @@
-"""The deployment stages of a finished run: export -> verify (a gate) -> benchmark.
+"""The deployment stages of a finished run: export -> verify (raises on failure) -> benchmark.
 
 Used by `compress run` at the end and by `compress export --onnx` / `compress bench` on an existing
 run directory. The teacher's ONNX export is cached per teacher, so the latency comparison is
@@ -7,22 +7,49 @@ ONNX vs ONNX without re-exporting the teacher every run.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from compressor.bench import BENCH_FILE, benchmark, write_benchmark
-from compressor.export import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8, save_samples
-from compressor.recipe import Recipe
+from compressor.cache import cache_root
+from compressor.deploy.bench import benchmark, write_benchmark
+from compressor.deploy.export import export_onnx, quantize_int8, save_samples
+from compressor.deploy.verify import Tolerance, verify_export, write_and_gate
+from compressor.recipe import Recipe, load_run_recipe
+from compressor.rundir import (
+    BENCH_FILE,
+    HELDOUT_FILE,
+    INT8_FILE,
+    MODEL_DIR,
+    ONNX_DIR,
+    ONNX_FILE,
+    VERIFY_FILE,
+    read_summary,
+    write_summary,
+)
 from compressor.shapes import Shape
-from compressor.teacher import Teacher
-from compressor.verify import VERIFY_FILE, Tolerance, verify_export, write_and_gate
+from compressor.teacher import Teacher, load_teacher, teacher_key
 
-ONNX_DIR, MODEL_DIR, HELDOUT_FILE = "onnx", "model", "heldout.json"
+
+def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = None) -> dict:
+    """Export -> verify (a gate) -> benchmark for a finished run; updates summary.json."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    recipe = load_run_recipe(run_dir)
+    summary.benchmark = summary.export = None  # a failed export must not leave a success behind
+    write_summary(run_dir, summary)
+    summary.export = export_and_verify(recipe, run_dir)
+    if recipe.bench.enabled if bench is None else bench:
+        result = bench_run(recipe, run_dir, teacher or load_teacher(recipe.teacher))
+        summary.benchmark = {
+            f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
+                "speedup_p50": r["speedup_p50"],
+                "flop_ratio": r["flop_ratio"],
+            }
+            for r in result["results"]
+        }
+    write_summary(run_dir, summary)
+    return summary.to_dict()
 
 
 def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -33,21 +60,18 @@ def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8, optimize=e.optimize)
     texts = json.loads((run_dir / HELDOUT_FILE).read_text())
     save_samples(onnx_dir, run_dir / MODEL_DIR, texts, e.batch_sizes, e.seq_lengths)
-    reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
-    if e.int8:
-        tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
-        reports.append(verify_export(onnx_dir, INT8_FILE, tol))
-    write_and_gate(reports, run_dir / VERIFY_FILE)
-    return {**report, "verify": summarize(reports)}
+    return {**report, "verify": verify_onnx(recipe, run_dir, write=True)}
 
 
 def verify_again(run_dir: Path, write: bool = True) -> dict[str, Any]:
     """Re-run the stored check on the stored samples (no PyTorch weights needed). `run_dir` is any
     directory holding onnx/ and recipe.yaml (a run, a zoo entry); `write=False` leaves it as is."""
-    from compressor.pipeline import load_run_recipe
+    return verify_onnx(load_run_recipe(run_dir), Path(run_dir), write)
 
-    e = load_run_recipe(run_dir).export
-    onnx_dir = run_dir / ONNX_DIR
+
+def verify_onnx(recipe: Recipe, run_dir: Path, write: bool) -> dict[str, Any]:
+    """Verify model.onnx (and model_int8.onnx when present) against the stored samples."""
+    e, onnx_dir = recipe.export, run_dir / ONNX_DIR
     reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
     if (onnx_dir / INT8_FILE).exists():
         tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
@@ -69,24 +93,10 @@ def summarize(reports) -> dict[str, Any]:
     return out
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
-
-
-def teacher_key(teacher: Teacher) -> str:
-    """Content key of a teacher: its config and a checksum of every weight."""
-    h = hashlib.sha256(teacher.model.config.to_json_string().encode())
-    with torch.no_grad():
-        for name, p in sorted(teacher.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(f"{float(p.double().sum()):.10e}".encode())
-    return f"{teacher.name.replace('/', '--')}-{h.hexdigest()[:12]}"
-
-
 def cached_teacher_export(teacher: Teacher, int8: bool, optimize: bool) -> Path:
     """HF dir + ONNX export of the teacher, built once per teacher content and export setting."""
     d = cache_root() / "teachers" / f"{teacher_key(teacher)}{'-fused' if optimize else ''}"
-    hf_dir, onnx_dir = d / "hf", d / "onnx"
+    hf_dir, onnx_dir = d / "hf", d / ONNX_DIR
     if not (onnx_dir / ONNX_FILE).exists():
         teacher.model.cpu().save_pretrained(hf_dir, safe_serialization=True)
         teacher.tokenizer.save_pretrained(hf_dir)
@@ -98,21 +108,21 @@ def cached_teacher_export(teacher: Teacher, int8: bool, optimize: bool) -> Path:
 
 def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]:
     """Student vs teacher latency; writes benchmark.json."""
+    from transformers import AutoConfig
+
     b = recipe.bench
     t_dir = cached_teacher_export(teacher, recipe.export.int8, recipe.export.optimize)
-    s_onnx = run_dir / ONNX_DIR
+    t_onnx, s_onnx = t_dir / ONNX_DIR, run_dir / ONNX_DIR
     models: dict[str, dict[str, str]] = {
-        "teacher": {"onnxruntime": str(t_dir / "onnx" / ONNX_FILE)},
+        "teacher": {"onnxruntime": str(t_onnx / ONNX_FILE)},
         "student": {"onnxruntime": str(s_onnx / ONNX_FILE)},
     }
     if recipe.export.int8:
-        models["teacher"]["onnxruntime_int8"] = str(t_dir / "onnx" / INT8_FILE)
+        models["teacher"]["onnxruntime_int8"] = str(t_onnx / INT8_FILE)
         models["student"]["onnxruntime_int8"] = str(s_onnx / INT8_FILE)
     if b.torch_baseline:
         models["teacher"]["torch"] = str(t_dir / "hf")
         models["student"]["torch"] = str(run_dir / MODEL_DIR)
-    from transformers import AutoConfig
-
     shapes = {
         "teacher": teacher.shape,
         "student": Shape.of_config(AutoConfig.from_pretrained(run_dir / MODEL_DIR)),
@@ -121,3 +131,9 @@ def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]
     result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds)
     write_benchmark(result, run_dir / BENCH_FILE)
     return result
+
+
+def bench_run_dir(run_dir: Path) -> dict[str, Any]:
+    """Re-run the latency benchmark of a finished, exported run (`compress bench`)."""
+    recipe = load_run_recipe(run_dir)
+    return bench_run(recipe, Path(run_dir), load_teacher(recipe.teacher))

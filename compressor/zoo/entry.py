@@ -14,23 +14,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from compressor.deploy.bench import fp32_speedup
 from compressor.errors import ZooError
-from compressor.gates import fp32_speedup
+from compressor.rundir import (
+    BENCH_FILE,
+    MANIFEST_FILE,
+    ONNX_MODEL,
+    SUMMARY_FILE,
+    evals_path,
+    read_json,
+)
 from compressor.shapes import Shape
 
-# Copied from the run directory (the first group must exist; the second may).
-RUN_FILES = (
-    "model",
-    "onnx",
-    "recipe.yaml",
-    "plan.json",
-    "summary.json",
-    "verify.json",
-    "environment.json",
-    "heldout.json",
-)
-OPTIONAL_RUN_FILES = ("benchmark.json", "metrics.jsonl", "discrepancy.png", "metrics.json")
-MANIFEST, CARD, EVALS, ONNX_MODEL = "manifest.json", "README.md", "metrics.json", "onnx/model.onnx"
 METHOD = "homodistil"
 
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -79,27 +74,13 @@ def file_table(root: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir()):
         rel = path.relative_to(root).as_posix()
-        if rel == MANIFEST:
+        if rel == MANIFEST_FILE:
             continue
         if path.is_symlink() or not path.is_file():
             out[rel] = {"sha256": None, "bytes": None}
         else:
             out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return out
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    return json.loads(path.read_text()) if path.exists() else default
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fsync_tree(root: Path) -> None:
@@ -113,22 +94,26 @@ def fsync_tree(root: Path) -> None:
 
 
 def headline_quality(evaluations: list[dict], summary: dict) -> tuple[str, float | None]:
-    """The latest evaluation ('wiki_topics accuracy 0.812 (teacher 0.853)'), else the final
-    held-out discrepancy."""
+    """The latest evaluation ('wiki_topics accuracy 0.812 (teacher 0.853)'), else the shipped
+    model's similarity agreement with its teacher on held-out text, else the final held-out
+    discrepancy."""
     if evaluations:
         e = evaluations[-1]
         student, teacher = e["student"]["mean"], (e.get("teacher") or {}).get("mean")
         text = f"{e['task']} {e['metric']} {student:.3f}"
         return (text + (f" (teacher {teacher:.3f})" if teacher is not None else ""), student)
+    similarity = (summary.get("quality") or {}).get("similarity_spearman")
+    if similarity is not None:
+        return (f"similarity to teacher {similarity:.3f} (Spearman)", similarity)
     final = summary.get("discrepancy", {}).get("final")
     return (f"discrepancy {final:.3g}" if final is not None else "", final)
 
 
 def entry_row(entry_dir: Path) -> dict[str, Any]:
     """The index row of an entry, from its files alone."""
-    manifest = read_json(entry_dir / MANIFEST)
-    summary = read_json(entry_dir / "summary.json")
-    evaluations = read_json(entry_dir / EVALS, {"evaluations": []})["evaluations"]
+    manifest = read_json(entry_dir / MANIFEST_FILE)
+    summary = read_json(entry_dir / SUMMARY_FILE)
+    evaluations = read_json(evals_path(entry_dir), {"evaluations": []})["evaluations"]
     quality, value = headline_quality(evaluations, summary)
     files = manifest["files"]
     return {
@@ -141,7 +126,7 @@ def entry_row(entry_dir: Path) -> dict[str, Any]:
         "teacher_params": summary["teacher_params"],
         "size_bytes": files[ONNX_MODEL]["bytes"],
         "entry_bytes": sum(f["bytes"] or 0 for f in files.values()),
-        "speedup": fp32_speedup(read_json(entry_dir / "benchmark.json")),
+        "speedup": fp32_speedup(read_json(entry_dir / BENCH_FILE)),
         "quality": quality,
         "quality_value": value,
         "discrepancy": summary.get("discrepancy", {}).get("final"),

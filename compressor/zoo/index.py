@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-INDEX_FILE = "index.sqlite"
+from compressor.rundir import ZOO_INDEX_FILE
+
 SCHEMA_VERSION = 1
 COLUMNS = (
     "id",
@@ -63,7 +64,7 @@ def connect(root: Path, timeout_s: float = 120.0) -> sqlite3.Connection:
     """Open (creating if needed) the index of the zoo at `root`; autocommit mode, transactions
     are explicit."""
     root.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(root / INDEX_FILE, timeout=timeout_s, isolation_level=None)
+    conn = sqlite3.connect(root / ZOO_INDEX_FILE, timeout=timeout_s, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode = WAL")
@@ -77,7 +78,7 @@ def connect(root: Path, timeout_s: float = 120.0) -> sqlite3.Connection:
 
 
 def exists(root: Path) -> bool:
-    return (root / INDEX_FILE).exists()
+    return (root / ZOO_INDEX_FILE).exists()
 
 
 @contextmanager

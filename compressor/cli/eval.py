@@ -1,4 +1,4 @@
-"""`compress eval` and `compress compare`: downstream quality, and HomoDistil vs its baselines."""
+"""`compress eval` and `compress baselines`: downstream quality, and HomoDistil vs its baselines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compressor.downstream import EvalSettings
+from compressor.evaluate.settings import EvalSettings
 
 
 def seed_list(_ctx, _param, value: str) -> list[int]:
@@ -80,35 +80,20 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
              text_column, pair_column, label_column, no_teacher, zoo_dir, as_json) -> None:  # fmt: skip
     """Fine-tune (or linear-probe) the student of TARGET on each task and report test accuracy,
     the teacher's beside it. TARGET is a run directory or a zoo id. Results go into the run's
-    metrics.json, or into the zoo entry (and show in `compress zoo list/compare`)."""
-    from compressor import zoo
-    from compressor.evaluation import append_to_run, evaluate_dir, format_record
+    evaluations.json, or into the zoo entry (and show in `compress zoo list/compare`)."""
+    from compressor.evaluate.evaluation import evaluate_target, format_record
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
-    run_dir, entry_id = Path(target), None
-    if not (run_dir / "recipe.yaml").exists():
-        root = zoo.zoo_root(zoo_dir)
-        entry_id = zoo.resolve(root, target)
-        run_dir = zoo.entry_dir(root, entry_id)
-    records = []
-    for task in tasks:
-        record = evaluate_dir(run_dir, task, settings, seeds, with_teacher=not no_teacher,
-                              text_column=text_column, pair_column=pair_column,
-                              label_column=label_column)  # fmt: skip
-        if entry_id:
-            zoo.record_evaluation(zoo.zoo_root(zoo_dir), entry_id, record)
-        else:
-            append_to_run(run_dir, record)
-        records.append(record)
-        if not as_json:
-            click.echo(format_record(record))
+    columns = {"text_column": text_column, "pair_column": pair_column, "label_column": label_column}
+    show = None if as_json else (lambda record: click.echo(format_record(record)))
+    records, where = evaluate_target(target, list(tasks), settings, seeds, not no_teacher,
+                                     zoo_dir, columns, on_record=show)  # fmt: skip
     if as_json:
         click.echo(json.dumps(records, indent=2))
-    where = f"zoo entry {entry_id}" if entry_id else f"{run_dir / 'metrics.json'}"
     click.echo(f"recorded in {where}", err=True)
 
 
-@click.command("compare")
+@click.command("baselines")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--baselines",
@@ -131,14 +116,19 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory (runs, results.md/json, plots). Re-running resumes.")  # fmt: skip
-def compare_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
+def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
                 max_eval, overrides, out) -> None:  # fmt: skip
     """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
     evaluate every student, and write a results table and plots."""
-    from compressor.compare import ACCURACY_PNG, CURVES_PNG, RESULTS_MD, compare
+    from compressor.evaluate.baselines import compare
+    from compressor.rundir import (
+        BASELINES_ACCURACY_PNG,
+        BASELINES_CURVES_PNG,
+        BASELINES_RESULTS_MD,
+    )
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
     variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
     compare(recipe, out, variants, seeds, tasks, settings, list(overrides))
-    click.echo((out / RESULTS_MD).read_text())
-    click.echo(f"plots: {out / CURVES_PNG}, {out / ACCURACY_PNG}")
+    click.echo((out / BASELINES_RESULTS_MD).read_text())
+    click.echo(f"plots: {out / BASELINES_CURVES_PNG}, {out / BASELINES_ACCURACY_PNG}")

@@ -1,0 +1,21 @@
+"""Settings of a downstream evaluation (light: the CLI reads its defaults without loading torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: Literal["finetune", "probe"] = "finetune"
+    max_length: int = 64
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_train: int | None = 2000
+    max_eval: int | None = 1000
+    split_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
