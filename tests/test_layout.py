@@ -133,3 +133,12 @@ def test_python_dash_m_compressor_is_the_cli():
     )
     assert out.returncode == 0
     assert "Usage: compress" in out.stdout and "zoo" in out.stdout and "baselines" in out.stdout
+
+
+def test_evaluations_keep_their_legacy_name_where_it_exists(tmp_path):
+    """Entries registered before 0.2 hold metrics.json; they are read and updated in place."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    (old / rundir.LEGACY_EVALS_FILE).write_text('{"evaluations": []}')
+    assert rundir.evals_path(new) == new / "evaluations.json"
+    assert rundir.evals_path(old) == old / "metrics.json"
