@@ -49,8 +49,26 @@ def plan_report(path: Path) -> str:
             f"    {step:>5}  {w.layers:>6} {w.hidden:>6} {w.heads:>5} {w.head_dim:>8}"
             f" {w.ffn:>5} {param_count(w, vocab, mlm_head=mlm) / 1e6:>7.1f}M"
         )
+    lines.append(f"  decisions: {decision_policy(recipe)}")
     lines.append(f"  training memory (rough, fp32): {memory_estimate_gb(recipe, full, n_t):.1f} GB")
     return "\n".join(lines)
+
+
+def decision_policy(r: Recipe) -> str:
+    """How the pruning events will decide, in one line (see distill.pruning_signal)."""
+    p = r.pruning
+    layers = {
+        "removal": f"layers by greedy removal, measured on {max(1, p.probe_batches)} batches",
+        "sensitivity": "layers by fade sensitivity",
+        "uniform": "layers evenly spaced",
+    }[p.layer_selection]
+    if p.importance != "sensitivity":
+        return f"{layers}; widths by {p.importance}"
+    return (
+        f"{layers}; widths from the importance EMA after {p.min_history} updates, else from"
+        f" {p.probe_batches} fp32 dropout probe batches; every kind's median score must be"
+        f" >= {p.min_signal_margin:g}x its noise floor"
+    )
 
 
 def memory_estimate_gb(r: Recipe, full: Shape, n_params: int) -> float:

@@ -109,3 +109,23 @@ def test_recipe_objects_are_frozen():
     r = load_recipe(Path(RECIPES / "tiny-test.yaml"))
     with pytest.raises(Exception):  # noqa: B017
         r.train.steps = 3
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({}, "layers by greedy removal, measured on 4 batches; widths from the importance EMA"),
+        (
+            {"layer_selection": "uniform", "importance": "truncate"},
+            "evenly spaced; widths by truncate",
+        ),
+    ],
+)
+def test_recipe_check_states_how_decisions_are_taken(changes, expected, tmp_path):
+    raw = yaml.safe_load((RECIPES / "minilm-to-4L256.yaml").read_text())
+    raw["pruning"].update(changes)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(main, ["recipe", "check", str(path)])
+    assert res.exit_code == 0 and expected in res.output
+    assert "100x its noise floor" in res.output or "truncate" in res.output
