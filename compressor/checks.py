@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def check_identity(teacher: nn.Module, student: nn.Module, batch: Batch, shape: 
         student, batch.input_ids, batch.attention_mask, Masks.full(shape, batch.input_ids.device)
     )
     diff = max_diff_on_tokens(ref_last, out.hidden_states[-1], batch.attention_mask)
-    if diff > IDENTITY_ATOL:
+    if not diff <= IDENTITY_ATOL:  # written so that NaN fails
         raise CheckFailed(
             f"step-0 identity: the student differs from the teacher by {diff:.3g}"
             f" (last hidden state, tolerance {IDENTITY_ATOL})"
@@ -56,12 +57,32 @@ def check_slim_roundtrip(
     ref = ref[..., masks.hidden.cpu()]  # the masked student keeps the teacher's width
     got = reloaded(input_ids=ids.cpu(), attention_mask=att.cpu()).last_hidden_state
     diff = max_diff_on_tokens(ref, got, att.cpu())
-    if diff > SLIM_ATOL:
+    if not diff <= SLIM_ATOL:  # written so that NaN fails
         raise CheckFailed(
             f"slim round-trip: the reloaded model in {slim_dir} differs from the masked student"
             f" by {diff:.3g} (last hidden state, tolerance {SLIM_ATOL})"
         )
     return diff
+
+
+def check_finite_losses(step: int, losses: dict[str, float]) -> None:
+    """Training stops at the first non-finite loss, naming the step and the term (the last good
+    checkpoint stays as it was)."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise CheckFailed(
+            f"training diverged at step {step}: {terms}. Nothing was saved from this step; lower"
+            " train.lr (or raise train.warmup_steps) and resume from the last checkpoint"
+        )
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Nothing non-finite is ever slimmed, exported or registered."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckFailed(f"{where}: non-finite weights in {shown}")
 
 
 def check_param_count(model: nn.Module, shape: Shape, vocab: Vocab, mlm_head: bool) -> int:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from compressor.bert_params import pooler, student_parameters
 from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from compressor.checks import check_finite_losses
 from compressor.data import Batch, Corpus, mask_tokens
 from compressor.errors import CheckFailed
 from compressor.forward import EncoderOutput, encode, mean_pool
@@ -170,10 +171,11 @@ def distill(
                                    dropout=r.distill.student_dropout)  # fmt: skip
                     losses = loss_terms(r.distill, t_out, s_out, maps, masks, batch)
                     total = weighted_total(r.distill, losses) / tr.grad_accum
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                check_finite_losses(step, values)  # before anything learns from it
                 total.backward()
-                for k, v in {**losses, "total": total * tr.grad_accum}.items():
-                    key = f"loss_{k}"
-                    terms[key] = terms.get(key, 0.0) + float(v.detach()) / tr.grad_accum
+                for k, v in {**values, "total": float(total.detach()) * tr.grad_accum}.items():
+                    terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v / tr.grad_accum
 
             # 3. importance from this step's gradients (dL/dtheta, before clipping), then the
             #    optimizer step
@@ -181,7 +183,8 @@ def distill(
                 if p.importance != "truncate":
                     tensors = {**params, FADE: fade}
                     update_state(importance, tensors, p.importance, p.beta1, p.beta2)
-                clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
+                norm = clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
+                check_finite_losses(step, {"gradient norm": float(norm)})
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             fade.grad = None

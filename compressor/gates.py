@@ -31,12 +31,12 @@ def gate_failures(
     if gates.min_speedup is not None:
         if speedup is None:
             out.append("gates.min_speedup: no onnxruntime benchmark ran (bench.enabled is false?)")
-        elif speedup < gates.min_speedup:
+        elif not speedup >= gates.min_speedup:  # NaN fails
             out.append(
                 f"gates.min_speedup: onnxruntime fp32 speedup {speedup:.2f}x, limit {gates.min_speedup}x"
             )
     final = summary.get("discrepancy", {}).get("final")
-    if gates.max_discrepancy is not None and (final is None or final > gates.max_discrepancy):
+    if gates.max_discrepancy is not None and (final is None or not final <= gates.max_discrepancy):
         out.append(
             f"gates.max_discrepancy: final discrepancy {final}, limit {gates.max_discrepancy}"
         )

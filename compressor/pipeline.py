@@ -17,6 +17,7 @@ import yaml
 from transformers import AutoModel, AutoModelForMaskedLM
 
 from compressor.checks import (
+    check_finite_weights,
     check_identity,
     check_param_count,
     check_slim_roundtrip,
@@ -138,6 +139,7 @@ def _execute(
     if result.steps_done < tr.steps:
         return RunResult(run_dir, {"stopped_at": result.steps_done})
 
+    check_finite_weights(student, "the trained student")
     plan = PrunePlan.from_masks(result.masks.to("cpu"), teacher.shape)
     (run_dir / PLAN_FILE).write_text(plan.to_json())
     slim_model = slim(student.cpu(), plan)

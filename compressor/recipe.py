@@ -22,7 +22,7 @@ STRUCTURES = ("layers", "heads", "head_dims", "ffn", "hidden")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TeacherSpec(_Frozen):

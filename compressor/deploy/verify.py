@@ -72,7 +72,7 @@ def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyRep
             excess = float((diff - (tol.atol + tol.rtol * np.abs(ref))).max())
             check = {"sample": key, "output": name, "shape": list(ref.shape),
                      "max_abs_diff": float(diff.max()), "atol": tol.atol, "rtol": tol.rtol}  # fmt: skip
-            if excess > 0:
+            if not excess <= 0:  # written so that NaN fails
                 check["failed"] = True
                 report.fail(
                     f"{onnx_file} [{key}]: output '{name}' shape {list(ref.shape)} differs by up to"
@@ -83,7 +83,7 @@ def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyRep
     mean_agreement = float(np.mean(agreements)) if agreements else 0.0
     kind = "top1_agreement" if "logits" in out_names else "embedding_cosine"
     report.checks.append({kind: mean_agreement, "min": tol.min_agreement})
-    if mean_agreement < tol.min_agreement:
+    if not mean_agreement >= tol.min_agreement:
         report.fail(f"{onnx_file}: {kind} {mean_agreement:.5f} is below {tol.min_agreement}")
     return report
 
