@@ -52,7 +52,7 @@ from compressor.prune.masks import (
     zero_pruned_weights,
 )
 from compressor.quality import similarity_discrepancy
-from compressor.recipe import Recipe
+from compressor.recipe import DistillSpec, Recipe
 from compressor.shapes import Shape, param_count
 from compressor.teacher import Teacher
 
@@ -401,24 +401,13 @@ def measure_noise_floor(
 ) -> dict[str, float]:
     """The importance that rounding noise alone produces: one backward pass of the student while
     it still equals the teacher (no dropout), in fp32 or under bf16 autocast."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     batch = prepare(batch, teacher, r, -1, 0).to(device)
-    with torch.no_grad(), autocast:
-        t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
-                       with_logits=teacher.has_mlm_head)  # fmt: skip
-    with autocast:
-        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
-                       with_logits=teacher.has_mlm_head)  # fmt: skip
-        # the distillation terms only: they sit at their minimum at the teacher, the MLM loss
-        # does not (its gradient there is real, not noise)
-        total = weighted_total(
-            r.distill.model_copy(update={"mlm": 0.0}),
-            loss_terms(r.distill, t_out, s_out, maps, masks, batch),
-        )
-    total.backward()
+    # the distillation terms only: they sit at their minimum at the teacher, the MLM loss does
+    # not (its gradient there is real, not noise)
+    backward_distill_loss(r.distill.model_copy(update={"mlm": 0.0}), teacher, student, maps,
+                          masks, batch, bf16=bf16)  # fmt: skip
     noise = {n: instant_importance(t, t.grad, "sensitivity") for n, t in tensors.items()}
-    for t in [*tensors.values(), *maps.parameters()]:
-        t.grad = None
+    clear_grads(tensors, maps)
     kinds = {**structure_scores(student, noise, teacher.shape.head_dim), "layers": noise[FADE]}
     return noise_floor(kinds)
 
@@ -443,17 +432,37 @@ def probe_importance(
     p = r.pruning
     for micro_batches in islice(corpus.batches(step), p.probe_batches):
         batch = prepare(micro_batches[0], teacher, r, step, 0).to(device)
-        with torch.no_grad():
-            t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
-                           with_logits=teacher.has_mlm_head)  # fmt: skip
-        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
-                       with_logits=teacher.has_mlm_head, dropout=p.probe_dropout)  # fmt: skip
-        weighted_total(
-            r.distill, loss_terms(r.distill, t_out, s_out, maps, masks, batch)
-        ).backward()
+        backward_distill_loss(r.distill, teacher, student, maps, masks, batch, p.probe_dropout)
         update_state(importance, tensors, "sensitivity", p.beta1, p.beta2)
-        for t in [*tensors.values(), *maps.parameters()]:
-            t.grad = None
+        clear_grads(tensors, maps)
+
+
+def backward_distill_loss(
+    d: DistillSpec,
+    teacher: Teacher,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    masks: Masks,
+    batch: Batch,
+    dropout: float = 0.0,
+    bf16: bool = False,
+) -> None:
+    """One forward/backward of the weighted distillation loss on one batch (no optimizer step):
+    what the noise floor and the probe measure importance from."""
+    autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with torch.no_grad(), autocast:
+        t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
+                       with_logits=teacher.has_mlm_head)  # fmt: skip
+    with autocast:
+        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
+                       with_logits=teacher.has_mlm_head, dropout=dropout)  # fmt: skip
+        total = weighted_total(d, loss_terms(d, t_out, s_out, maps, masks, batch))
+    total.backward()
+
+
+def clear_grads(tensors: dict[str, torch.Tensor], maps: HiddenMaps) -> None:
+    for t in [*tensors.values(), *maps.parameters()]:
+        t.grad = None
 
 
 def make_optimizer(params: dict, maps: HiddenMaps, r: Recipe) -> torch.optim.Optimizer:
