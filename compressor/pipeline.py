@@ -25,15 +25,15 @@ from compressor.checks import (
 )
 from compressor.data import Corpus
 from compressor.deploy.stages import deploy
-from compressor.distill import distill
+from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import RecipeError, RunDirError
-from compressor.forward import mean_pool
+from compressor.forward import encode, mean_pool
 from compressor.gates import check_gates
-from compressor.losses import prediction_kl
-from compressor.metrics import discrepancy_summary, plot_run, read_metrics
+from compressor.losses import HiddenMaps, prediction_kl
+from compressor.metrics import MetricsLog, discrepancy_summary, plot_run, read_metrics
 from compressor.prune import schedule
-from compressor.prune.importance import magnitudes, structure_scores
+from compressor.prune.importance import magnitudes, structure_scores, truncation_scores
 from compressor.prune.masks import Masks, prune_to, select_layers
 from compressor.prune.slim import PrunePlan, save_slim_model, slim
 from compressor.quality import similarity_agreement
@@ -256,13 +256,67 @@ def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device)
 
 
 def magnitude_masks_at_target(recipe: Recipe, teacher: Teacher) -> Masks:
-    full, target = teacher.shape, recipe.target.shape()
     entry = magnitudes(dict(teacher.model.named_parameters()))
-    scores = structure_scores(teacher.model, entry, full.head_dim)
+    scores = structure_scores(teacher.model, entry, teacher.shape.head_dim)
+    return masks_at_target(recipe, teacher, scores)
+
+
+def masks_at_target(recipe: Recipe, teacher: Teacher, scores: dict[str, torch.Tensor]) -> Masks:
+    """The target widths in one cut by `scores`, and evenly spaced layers (DistilBERT-style)."""
+    full, target = teacher.shape, recipe.target.shape()
     widths = schedule.widths_at(0, full, target, "one_shot", 0, 0)
     masks = prune_to(Masks.full(full), scores, widths)
     kept = select_layers(torch.zeros(full.layers), target.layers, "uniform")
     return Masks(**{**masks.__dict__, "layers": kept, "fade": kept.float()})
+
+
+def untrained_slice(recipe: Recipe, output: Path, teacher: Teacher | None = None) -> RunResult:
+    """The cheapest student of the target shape, a baseline: the teacher's evenly spaced layers
+    and the first k of every width, slimmed with no training at all. A finished run directory
+    (model, summary with its shipped quality, the held-out discrepancy at step 0), so it is
+    evaluated and compared like any trained run."""
+    started = time.time()
+    check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
+    run_dir = new_run_dir(Path(output), recipe.name)
+    (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    teacher = teacher or load_teacher(recipe.teacher)
+    model = teacher.model.cpu()
+    corpus = Corpus(recipe.data, teacher.tokenizer, recipe.train.seed, 1, 1)
+    masks = masks_at_target(recipe, teacher, truncation_scores(teacher.shape))
+    plan = PrunePlan.from_masks(masks, teacher.shape)
+    (run_dir / PLAN_FILE).write_text(plan.to_json())
+    slim_model = slim(model, plan)
+    save_slim_model(slim_model, teacher.tokenizer, sentence_transformers_files(teacher.source_dir),
+                    run_dir / MODEL_DIR)  # fmt: skip
+    checks = {
+        "masked_vs_slim_max_abs": check_slim_roundtrip(
+            model, masks, run_dir / MODEL_DIR, corpus.heldout
+        )
+    }
+    with torch.no_grad():
+        heldout = corpus.heldout
+        t_out = encode(model, heldout.input_ids, heldout.attention_mask,
+                       with_logits=teacher.has_mlm_head)  # fmt: skip
+        maps = HiddenMaps(teacher.shape.layers + 1, teacher.shape.hidden)
+        record = evaluate(0, teacher, model, maps, masks, heldout, t_out)
+    MetricsLog(run_dir).write(record)
+    n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
+    summary = RunSummary(
+        recipe=recipe.name,
+        teacher=teacher.name,
+        teacher_shape=teacher.shape.to_dict(),
+        student_shape=plan.shape.to_dict(),
+        teacher_params=sum(p.numel() for p in model.parameters()),
+        student_params=n_params,
+        checks=checks,
+        discrepancy=discrepancy_summary([record]),
+        quality=shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data),
+        steps=0,
+        seconds=round(time.time() - started, 1),
+        device="cpu",
+    )
+    write_summary(run_dir, summary)
+    return RunResult(run_dir, summary.to_dict())
 
 
 def register_run(run_dir: Path, zoo: Path | None = None) -> str:

@@ -57,7 +57,7 @@ ZOO_INDEX_FILE = "index.sqlite"
 BASELINES_RESULTS_JSON = "results.json"
 BASELINES_RESULTS_MD = "results.md"
 BASELINES_CURVES_PNG = PLOT_FILE
-BASELINES_ACCURACY_PNG = "accuracy_vs_params.png"
+BASELINES_SCORES_PNG = "scores_vs_params.png"
 
 # what a zoo entry copies from a run directory (the first group must exist; the second may)
 RUN_FILES = (

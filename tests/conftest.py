@@ -77,6 +77,14 @@ def packaged_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source(PACKAGED))
 
 
+@pytest.fixture(scope="session")
+def packaged_teacher():
+    """The real pre-trained all-MiniLM-L6-v2 from its pip package, frozen."""
+    from compressor.teacher import load_teacher
+
+    return load_teacher(PACKAGED)
+
+
 def sharp_tiny_bert(mlm: bool = False, seed: int = 0, factor: float = 20.0, **kw):
     """`tiny_bert` with every Q and K (weights and biases) scaled by `factor`: attention scores
     grow by factor**2, so attention rows are sharp (near one-hot) instead of nearly uniform, and

@@ -143,20 +143,46 @@ def test_one_shot_is_at_the_target_width_after_step_0(tmp_path, packaged_tokeniz
 def test_aggregate_and_table():
     rows = [
         {"variant": v, "seed": s, "params": 100, "discrepancy_final": d, "teacher_params": 400,
-         "accuracy": {"t": a}, "teacher_accuracy": {"t": 0.9}, "curve": [(0, 0.0)]}
-        for v, s, d, a in [("homodistil", 0, 0.1, 0.8), ("homodistil", 1, 0.3, 0.6),
-                           ("random", 0, 0.9, 0.5)]
+         "score": {"t": a}, "metric": {"t": "ndcg@10"}, "teacher_score": {"t": 0.9},
+         "quality": {"similarity_spearman": q}, "curve": [(0, 0.0)]}
+        for v, s, d, a, q in [("homodistil", 0, 0.1, 0.8, 0.9), ("homodistil", 1, 0.3, 0.6, 0.7),
+                              ("random", 0, 0.9, 0.5, 0.2)]
     ]  # fmt: skip
     base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
     res = aggregate(rows, base, EvalSettings(mode="probe"), ["t"])
     h = res["variants"]["homodistil"]
     assert h["discrepancy_final"]["mean"] == pytest.approx(0.2)
-    assert h["accuracy"]["t"]["mean"] == pytest.approx(0.7)
-    assert h["accuracy"]["t"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    assert res["variants"]["random"]["accuracy"]["t"]["std"] == 0.0
+    assert h["score"]["t"]["mean"] == pytest.approx(0.7)
+    assert h["score"]["t"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert h["similarity_spearman"]["mean"] == pytest.approx(0.8)
+    assert res["variants"]["random"]["score"]["t"]["std"] == 0.0
     table = markdown_table(res)
-    assert "| homodistil | 0.0M | 0.2000 ± 0.1414 | 0.7000 ± 0.1414 |" in table
-    assert "| teacher | 0.0M | 0 | 0.9000 |" in table
+    assert (
+        "| variant | params | similarity to teacher (Spearman) | held-out discrepancy | t ndcg@10 |"
+        in table
+    )
+    assert "| homodistil | 0.0M | 0.8000 ± 0.1414 | 0.2000 ± 0.1414 | 0.7000 ± 0.1414 |" in table
+    assert "| teacher | 0.0M | 1 | 0 | 0.9000 |" in table
+
+
+def test_untrained_slice_is_the_teacher_sliced_with_no_training(tmp_path, packaged_tokenizer):
+    """The `slice` baseline: evenly spaced layers and the first k of every width, weights exactly
+    the teacher's, a finished run directory with its quality, compared like any trained run."""
+    recipe = variant_recipe(base_recipe(), "slice", seed=0)
+    teacher = small_teacher(packaged_tokenizer)
+    res = pipeline.untrained_slice(recipe, tmp_path, teacher=teacher)
+    plan = json.loads((res.run_dir / "plan.json").read_text())
+    assert plan["layers"] == [1, 3, 5] and plan["hidden"] == list(range(32))
+    s = load_file(res.run_dir / "model" / "model.safetensors")
+    t = teacher.model.state_dict()
+    emb = "embeddings.word_embeddings.weight"
+    assert torch.equal(s[emb], t[emb][:, :32])  # not one step of training
+    w = "encoder.layer.{}.output.dense.weight"
+    assert torch.equal(s[w.format(2)], t[w.format(5)][:32, :64])
+    assert res.summary["steps"] == 0 and res.summary["checks"]["masked_vs_slim_max_abs"] < 1e-5
+    assert 0 < res.summary["quality"]["similarity_spearman"] < 1
+    [record] = read_metrics(res.run_dir / "metrics.jsonl")
+    assert record["step"] == 0 and record["discrepancy"] == res.summary["discrepancy"]["final"]
 
 
 def test_overrides_apply_to_the_base_and_are_validated():

@@ -13,10 +13,18 @@ from transformers import BertConfig, BertModel
 
 from compressor.cli.main import main
 from compressor.errors import DataError
-from compressor.evaluate.downstream import evaluate_encoder, finetune, linear_probe
+from compressor.evaluate.downstream import (
+    evaluate_encoder,
+    finetune,
+    linear_probe,
+    relevant_ranks,
+    retrieval_metrics,
+)
 from compressor.evaluate.evaluation import evaluate_dir
 from compressor.evaluate.settings import EvalSettings
 from compressor.evaluate.tasks import (
+    Queries,
+    RetrievalTask,
     Split,
     Task,
     group_split,
@@ -72,6 +80,18 @@ def test_offline_tasks_load_with_disjoint_splits():
     assert set(small.train.texts) <= set(rt.train.texts)
 
 
+def test_movie_retrieval_splits_queries_by_film_and_keeps_every_plot():
+    task = load_task("movie_retrieval")
+    assert len(task.corpus) == 1083 and len(set(task.corpus)) == len(task.corpus)
+    assert all(task.corpus)  # no empty plot
+    films = [set(q.relevant) for q in (task.validation, task.test)]
+    assert films[0] and films[1] and not films[0] & films[1]  # no film in both splits
+    assert len(task.validation) + len(task.test) > 3000
+    small = load_task("movie_retrieval", max_eval=100)
+    assert len(small.test) == 100 and set(small.test.texts) <= set(task.test.texts)
+    assert load_task("movie_retrieval", max_eval=100) == small  # seeded
+
+
 def test_local_csv_with_named_columns(tmp_path):
     path = tmp_path / "reviews.csv"
     rows = [
@@ -93,6 +113,39 @@ def test_unknown_task_and_bad_cli_input_exit_2_without_traceback(tiny_run):
 
 
 # ---------------------------------------------------------------------------- the two evaluators
+
+
+def test_relevant_ranks_and_retrieval_metrics():
+    docs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    queries = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.0, 2.0], [0.6, 0.6]])
+    ranks = relevant_ranks(queries, docs, torch.tensor([0, 1, 1, 2]))
+    assert ranks.tolist() == [1, 3, 1, 1]
+    # a tie counts against the relevant document
+    assert relevant_ranks(torch.ones(1, 2), torch.ones(3, 2), torch.tensor([1])).tolist() == [3]
+    m = retrieval_metrics(torch.tensor([1, 3, 11, 2]))
+    assert m["recall@1"] == 0.25
+    assert m["ndcg@10"] == pytest.approx((1 + 0.5 + 0 + 1 / 1.5849625) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 11 + 1 / 2) / 4)
+
+
+def test_retrieval_ranks_by_meaning_with_a_real_encoder(packaged_teacher):
+    """The packaged sentence encoder finds paraphrases; a randomly initialised one does not."""
+    docs = ["The cat sat on the mat.", "Stock markets fell sharply today.",
+            "He cooked pasta for dinner.", "The rocket launched into orbit."]  # fmt: skip
+    queries = ["A kitten was sitting on a rug.", "Shares dropped a lot this afternoon.",
+               "She made spaghetti for supper.", "The spacecraft lifted off to space."]  # fmt: skip
+    task = RetrievalTask(
+        "toy", docs, Queries(queries, [0, 1, 2, 3]), Queries(queries, [0, 1, 2, 3])
+    )
+    s = EvalSettings(mode="probe")
+    model = packaged_teacher.model
+    good = evaluate_encoder(model, packaged_teacher.tokenizer, task, s, [0, 1], "cpu")
+    assert good["per_seed"] == [1.0] and good["chosen"][0]["test_recall@1"] == 1.0
+    torch.manual_seed(0)
+    noise = BertModel(BertConfig(vocab_size=model.config.vocab_size, hidden_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    bad = evaluate_encoder(noise, packaged_teacher.tokenizer, task, s, [0], "cpu")
+    assert bad["mean"] < 0.9
 
 
 def test_linear_probe_separates_separable_features_and_not_noise():

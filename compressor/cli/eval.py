@@ -97,14 +97,14 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--baselines",
-    default="one_shot,distilbert,random",
+    default="slice,one_shot,distilbert,random",
     callback=name_list,
     show_default=True,
     help="Variants to run beside HomoDistil.",
 )
 @click.option("--seeds", default="0,1,2", callback=seed_list, show_default=True)
 @click.option(
-    "--tasks", default="wiki_topics,rotten_tomatoes", callback=name_list, show_default=True
+    "--tasks", default="movie_retrieval,rotten_tomatoes", callback=name_list, show_default=True
 )
 @eval_options
 @click.option(
@@ -122,13 +122,13 @@ def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length
     evaluate every student, and write a results table and plots."""
     from compressor.evaluate.baselines import compare
     from compressor.rundir import (
-        BASELINES_ACCURACY_PNG,
         BASELINES_CURVES_PNG,
         BASELINES_RESULTS_MD,
+        BASELINES_SCORES_PNG,
     )
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
     variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
     compare(recipe, out, variants, seeds, tasks, settings, list(overrides))
     click.echo((out / BASELINES_RESULTS_MD).read_text())
-    click.echo(f"plots: {out / BASELINES_CURVES_PNG}, {out / BASELINES_ACCURACY_PNG}")
+    click.echo(f"plots: {out / BASELINES_CURVES_PNG}, {out / BASELINES_SCORES_PNG}")

@@ -23,10 +23,10 @@ from compressor.evaluate.settings import EvalSettings
 from compressor.metrics import read_metrics
 from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, with_overrides
 from compressor.rundir import (
-    BASELINES_ACCURACY_PNG,
     BASELINES_CURVES_PNG,
     BASELINES_RESULTS_JSON,
     BASELINES_RESULTS_MD,
+    BASELINES_SCORES_PNG,
     CHECKPOINT_FILE,
     METRICS_FILE,
     RECIPE_FILE,
@@ -42,12 +42,15 @@ ONE_SHOT = {"schedule": "one_shot", "start_step": 0}
 TRUNCATE = {**ONE_SHOT, "importance": "truncate", "layer_selection": "uniform"}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "homodistil": {},
+    "slice": {"pruning": TRUNCATE},  # no training: see UNTRAINED
     "one_shot": {"pruning": ONE_SHOT},
     "distilbert": {"pruning": TRUNCATE},
     "random": {"student": {"init": "random"}, "pruning": TRUNCATE},
 }
+UNTRAINED = {"slice"}
 DESCRIPTIONS = {
     "homodistil": "iterative pruning while distilling (the recipe)",
+    "slice": "the teacher's evenly spaced layers and first-k widths, no training at all",
     "one_shot": "(a) prune to the target at step 0 by sensitivity, then distil",
     "distilbert": "(b) DistilBERT-style init: evenly spaced layers, first-k widths, then distil",
     "random": "(c) random init at the target shape, then distil",
@@ -68,7 +71,7 @@ def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
     return parse_recipe(raw, f"{base.name} [{variant}, seed {seed}]")
 
 
-def run_variant(recipe: Recipe, runs_root: Path) -> Path:
+def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
     """Run (or resume, or reuse) one variant; returns its finished run directory."""
     root = runs_root / recipe.name
     for d in sorted(root.glob("*/")):
@@ -76,6 +79,8 @@ def run_variant(recipe: Recipe, runs_root: Path) -> Path:
             return d
         if (d / CHECKPOINT_FILE).exists():
             return pipeline.resume(d).run_dir
+    if variant in UNTRAINED:
+        return pipeline.untrained_slice(recipe, runs_root).run_dir
     return pipeline.run(recipe, runs_root).run_dir
 
 
@@ -96,12 +101,13 @@ def compare(
     overrides: list[str] = (),
 ) -> dict:
     base = with_overrides(load_recipe(recipe_path), list(overrides))
-    plan = [(v, s, variant_recipe(base, v, s)) for v in variants for s in seeds]  # validate all
+    # seed-major: an interrupted comparison has every variant at the first seeds
+    plan = [(v, s, variant_recipe(base, v, s)) for s in seeds for v in variants]  # validate all
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
     rows = []
     for variant, seed, recipe in plan:
-        run_dir = run_variant(recipe, out / "runs")
+        run_dir = run_variant(variant, recipe, out / "runs")
         evals = {}
         for task in tasks:
             record = evaluation_of(run_dir, task, settings)
@@ -122,8 +128,10 @@ def compare(
                     for r in read_metrics(run_dir / METRICS_FILE)
                     if "discrepancy" in r
                 ],
-                "accuracy": {t: e["student"]["mean"] for t, e in evals.items()},
-                "teacher_accuracy": {t: e["teacher"]["mean"] for t, e in evals.items()},
+                "score": {t: e["student"]["mean"] for t, e in evals.items()},
+                "metric": {t: e["metric"] for t, e in evals.items()},
+                "teacher_score": {t: e["teacher"]["mean"] for t, e in evals.items()},
+                "quality": summary.get("quality", {}),
                 "teacher_params": summary["teacher_params"],
             }
         )
@@ -131,7 +139,7 @@ def compare(
     (out / BASELINES_RESULTS_JSON).write_text(json.dumps({**results, "runs": rows}, indent=2))
     (out / BASELINES_RESULTS_MD).write_text(markdown_table(results))
     plot_curves(rows, out / BASELINES_CURVES_PNG)
-    plot_accuracy(results, out / BASELINES_ACCURACY_PNG)
+    plot_scores(results, out / BASELINES_SCORES_PNG)
     return results
 
 
@@ -147,7 +155,10 @@ def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: lis
             "params": mine[0]["params"],
             "seeds": [r["seed"] for r in mine],
             "discrepancy_final": over_seeds([r["discrepancy_final"] for r in mine]),
-            "accuracy": {t: over_seeds([r["accuracy"][t] for r in mine]) for t in tasks},
+            "score": {t: over_seeds([r["score"][t] for r in mine]) for t in tasks},
+            "similarity_spearman": over_seeds(
+                [r["quality"].get("similarity_spearman", float("nan")) for r in mine]
+            ),
         }
     return {
         "recipe": base.name,
@@ -158,33 +169,38 @@ def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: lis
         "eval": settings.to_dict(),
         "teacher": {
             "params": rows[0]["teacher_params"],
-            "accuracy": rows[0]["teacher_accuracy"],
+            "score": rows[0]["teacher_score"],
+            "metric": rows[0]["metric"],
         },
         "variants": variants,
     }
 
 
 def markdown_table(res: dict) -> str:
-    tasks = list(res["teacher"]["accuracy"])
-    head = ["variant", "params", "held-out discrepancy (final)"] + [f"{t} acc" for t in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     t = res["teacher"]
-    lines.append(
-        f"| teacher | {t['params'] / 1e6:.1f}M | 0 | "
-        + " | ".join(f"{t['accuracy'][k]:.4f}" for k in tasks)
-        + " |"
-    )
+    tasks = list(t["score"])
+    head = ["variant", "params", "similarity to teacher (Spearman)", "held-out discrepancy"]
+    head += [f"{k} {t['metric'][k]}" for k in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = ["teacher", f"{t['params'] / 1e6:.1f}M", "1", "0"]
+    lines.append("| " + " | ".join(cells + [f"{t['score'][k]:.4f}" for k in tasks]) + " |")
+
+    def pm(x: dict) -> str:
+        return f"{x['mean']:.4f} ± {x['std']:.4f}"
+
     for name, v in res["variants"].items():
-        d = v["discrepancy_final"]
-        accs = [f"{v['accuracy'][k]['mean']:.4f} ± {v['accuracy'][k]['std']:.4f}" for k in tasks]
-        cells = [name, f"{v['params'] / 1e6:.1f}M", f"{d['mean']:.4f} ± {d['std']:.4f}", *accs]
+        cells = [name, f"{v['params'] / 1e6:.1f}M", pm(v["similarity_spearman"]),
+                 pm(v["discrepancy_final"]), *(pm(v["score"][k]) for k in tasks)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     seeds = next(iter(res["variants"].values()))["seeds"]
     lines.append("")
     lines.append(
         f"Mean ± sample std over seeds {seeds}; {res['steps']} steps x {res['batch_size']}"
-        f" sequences x {res['max_length']} tokens for every variant; downstream = test accuracy"
-        f" ({res['eval']['mode']}, train {res['eval']['max_train']}, eval {res['eval']['max_eval']})."
+        f" sequences x {res['max_length']} tokens for every trained variant (`slice` is not"
+        " trained). Similarity: Spearman of the pairwise cosine similarities of student and"
+        " teacher embeddings on held-out text never trained on. Downstream: test split;"
+        f" classification by {res['eval']['mode']} (train {res['eval']['max_train']}, eval"
+        f" {res['eval']['max_eval']}), retrieval zero-shot."
     )
     return "\n".join(lines) + "\n"
 
@@ -210,7 +226,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
                         color=colors[v], alpha=0.2)  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out discrepancy (1 - cos)")
+    ax.set_ylabel("held-out discrepancy")
     ax.set_title("teacher-student discrepancy: mean over seeds, band = min..max")
     ax.legend()
     fig.tight_layout()
@@ -218,24 +234,24 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy(res: dict, out: Path) -> None:
+def plot_scores(res: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(res["teacher"]["accuracy"])
+    tasks = list(res["teacher"]["score"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         t = res["teacher"]
-        ax.scatter([t["params"] / 1e6], [t["accuracy"][task]], marker="*", s=150, color="black",
+        ax.scatter([t["params"] / 1e6], [t["score"][task]], marker="*", s=150, color="black",
                    label="teacher")  # fmt: skip
         for i, (name, v) in enumerate(res["variants"].items()):
-            a = v["accuracy"][task]
+            a = v["score"][task]
             x = v["params"] / 1e6 * (1 + 0.02 * (i - 1.5))  # same size: spread the markers a bit
             ax.errorbar([x], [a["mean"]], yerr=[a["std"]], fmt="o", capsize=3, label=name)
         ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(f"test accuracy ({res['eval']['mode']})")
+        ax.set_ylabel(f"test {t['metric'][task]}")
         ax.set_title(task)
         ax.legend(fontsize=8)
     fig.tight_layout()

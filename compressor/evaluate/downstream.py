@@ -1,6 +1,7 @@
-"""Downstream evaluation of an encoder on a classification task: fine-tuning or a linear probe.
+"""Downstream evaluation of an encoder: a classification task by fine-tuning or a linear probe, a
+retrieval task zero-shot (cosine similarity of embeddings, nDCG@10 as in MTEB).
 
-Both read mean-pooled token states (how the packaged sentence encoder is meant to be used, and the
+All read mean-pooled token states (how the packaged sentence encoder is meant to be used, and the
 same pooling for teacher and student). Every choice (probe regularisation, fine-tuning epoch) is
 made on the validation split; the test split is read once, for the reported number.
 """
@@ -11,17 +12,19 @@ import copy
 import math
 import random
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from compressor.evaluate.settings import EvalSettings
-from compressor.evaluate.tasks import Example, Split, Task
+from compressor.evaluate.tasks import Example, RetrievalTask, Split, Task
 from compressor.forward import mean_pool
 from compressor.stats import over_seeds
 
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+DOC_MAX_LENGTH = 128  # retrieval documents (plot summaries) are longer than the queries
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -101,6 +104,57 @@ def linear_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tens
     return {"test": test, "validation": val, "l2": l2}
 
 
+# ---------------------------------------------------------------------------- retrieval
+
+
+def relevant_ranks(queries: torch.Tensor, docs: torch.Tensor, relevant: torch.Tensor
+                   ) -> torch.Tensor:  # fmt: skip
+    """1-based rank of each query's relevant document by cosine similarity. A tie counts against
+    the relevant document (pessimistic), so equal embeddings never score by luck."""
+    q = nn.functional.normalize(queries.double(), dim=-1)
+    d = nn.functional.normalize(docs.double(), dim=-1)
+    sim = q @ d.T
+    own = sim.gather(1, relevant[:, None])
+    others = torch.ones_like(sim, dtype=torch.bool).scatter_(1, relevant[:, None], False)
+    return 1 + ((sim >= own) & others).sum(1)
+
+
+def retrieval_metrics(ranks: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """nDCG@k (one relevant document per query), recall@1 and mean reciprocal rank."""
+    r = ranks.double()
+    ndcg = torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
+    return {
+        f"ndcg@{k}": float(ndcg.mean()),
+        "recall@1": float((r == 1).double().mean()),
+        "mrr": float((1.0 / r).mean()),
+    }
+
+
+def retrieval(encoder: nn.Module, tokenizer, task: RetrievalTask, s: EvalSettings, device
+              ) -> dict:  # fmt: skip
+    """Zero-shot: embed the corpus and the queries, rank documents by cosine similarity."""
+    doc_settings = replace(s, max_length=max(s.max_length, DOC_MAX_LENGTH))
+    docs = embed(encoder, tokenizer, as_split(task.corpus), doc_settings, device)
+    out: dict = {}
+    for name, queries in (("validation", task.validation), ("test", task.test)):
+        q = embed(encoder, tokenizer, as_split(queries.texts), s, device)
+        metrics = retrieval_metrics(relevant_ranks(q, docs, torch.tensor(queries.relevant)))
+        out[name] = metrics[RETRIEVAL_METRIC]
+        out |= {f"{name}_{k}": v for k, v in metrics.items() if k != RETRIEVAL_METRIC}
+    return out
+
+
+def as_split(texts: list[str]) -> Split:
+    return Split([(t, None) for t in texts], [0] * len(texts))
+
+
+RETRIEVAL_METRIC = "ndcg@10"
+
+
+def task_metric(task: Task | RetrievalTask) -> str:
+    return RETRIEVAL_METRIC if isinstance(task, RetrievalTask) else "accuracy"
+
+
 # ---------------------------------------------------------------------------- fine-tuning
 
 
@@ -170,13 +224,15 @@ def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: i
 # ---------------------------------------------------------------------------- one model, many seeds
 
 
-def evaluate_encoder(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings,
+def evaluate_encoder(encoder: nn.Module, tokenizer, task: Task | RetrievalTask, s: EvalSettings,
                      seeds: list[int], device, label: str = "model") -> dict:  # fmt: skip
-    """Test accuracy over seeds (mean, std, per seed). The probe is deterministic given the
-    encoder, so it runs once whatever the seeds."""
+    """The task's test metric over seeds (mean, std, per seed). The probe and retrieval are
+    deterministic given the encoder, so they run once whatever the seeds."""
     started = time.time()
     encoder = encoder.to(device)
-    if s.mode == "probe":
+    if isinstance(task, RetrievalTask):
+        runs = [retrieval(encoder, tokenizer, task, s, device)]
+    elif s.mode == "probe":
         splits = {"train": task.train, "validation": task.validation, "test": task.test}
         feats = {k: embed(encoder, tokenizer, v, s, device) for k, v in splits.items()}
         labels = {k: torch.tensor(v.labels) for k, v in splits.items()}

