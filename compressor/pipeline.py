@@ -108,7 +108,10 @@ def resume(
     """Continue a run from its last checkpoint, with the recipe it was started with."""
     run_dir = require_run_dir(run_dir)
     if (run_dir / SUMMARY_FILE).exists():
-        raise RunDirError(f"{run_dir}: this run already finished (see {SUMMARY_FILE})")
+        raise RunDirError(
+            f"{run_dir}: this run already finished (see {SUMMARY_FILE}); if it is not in the"
+            f" zoo yet, register it with: compress zoo add {run_dir}"
+        )
     return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after, zoo, register)
 
 

@@ -116,8 +116,13 @@ def add_cmd(run_dir: Path, zoo_dir: Path | None) -> None:
 @zoo_group.command("reindex")
 @zoo_option
 def reindex_cmd(zoo_dir: Path | None) -> None:
-    """Rebuild the index from the entry directories (their manifests)."""
+    """Rebuild the index from the entry directories (their manifests); repairs a damaged or
+    missing index. Never changes which entries verify."""
     result = zoo.reindex(zoo.zoo_root(zoo_dir))
+    if result["damaged_index"]:
+        click.echo(f"moved the damaged index aside to {result['damaged_index']}")
     click.echo(f"indexed {result['entries']} entries")
     for s in result["skipped"]:
         click.echo(f"skipped {s}")
+    for s in result["untrusted"]:
+        click.echo(f"not trusted: {s}")

@@ -44,6 +44,7 @@ def evaluate_target(
     run_dir, entry_id, root = Path(target), None, zoo_store.zoo_root(zoo_dir)
     if not is_run_dir(run_dir):
         entry_id = zoo_store.resolve(root, target)
+        zoo_store.check_recordable(root, entry_id)  # before the (long) evaluation, not after
         run_dir = zoo_store.entry_dir(root, entry_id)
     records = []
     for task in tasks:

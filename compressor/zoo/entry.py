@@ -3,6 +3,12 @@ from it. Functions of a directory; nothing here touches the index.
 
 The row is derived from the entry alone (manifest.json, summary.json, benchmark.json,
 metrics.json), so a lost index can be rebuilt identically from the entry directories.
+
+The id binds the content: its last segment hashes every file's sha256 as registered (all files
+but the model card and the manifest). The only sanctioned change afterwards, recording an
+evaluation, rewrites the evaluations file, so the manifest keeps that file's registration sha256
+under REGISTERED_KEY. `id_problems` recomputes the hash from the manifest: a manifest re-signed
+after a file changed no longer matches its own id, whatever an index says.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from compressor.deploy.bench import fp32_speedup
 from compressor.errors import ZooError
 from compressor.rundir import (
     BENCH_FILE,
+    CARD_FILE,
     MANIFEST_FILE,
     ONNX_MODEL,
     SUMMARY_FILE,
@@ -31,6 +38,7 @@ METHOD = "homodistil"
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 ID_PATTERN = re.compile(rf"{SEGMENT}(?:/{SEGMENT})*")
 ID_SEGMENTS = 4  # teacher / method / shape / content hash
+REGISTERED_KEY = "registered_sha256"  # manifest: {path: sha256 at registration} of changed files
 
 
 def check_id(text: str) -> str:
@@ -58,6 +66,39 @@ def content_hash(files: dict[str, dict]) -> str:
     """10 hex digits of the hash of every file's path and sha256: same run, same id."""
     listing = json.dumps({p: f["sha256"] for p, f in files.items()}, sort_keys=True)
     return hashlib.sha256(listing.encode()).hexdigest()[:10]
+
+
+def id_listing(manifest: dict[str, Any]) -> dict[str, dict]:
+    """The files the id's content hash was computed from, as the manifest says they were at
+    registration: every file but the model card, with REGISTERED_KEY's sha256 where present."""
+    registered = manifest.get(REGISTERED_KEY) or {}
+    return {
+        path: {"sha256": registered.get(path, f["sha256"])}
+        for path, f in manifest["files"].items()
+        if path != CARD_FILE
+    }
+
+
+def id_problems(entry_dir: Path, entry_id: str, manifest: dict[str, Any]) -> list[str]:
+    """[] when the manifest's files hash to the id's content hash. An entry registered before
+    REGISTERED_KEY existed that has since recorded evaluations cannot be checked this way (its
+    trust rests on the checksums the index recorded): [] as well."""
+    try:
+        listing = id_listing(manifest)
+    except (KeyError, TypeError, AttributeError):
+        return [f"{MANIFEST_FILE}: malformed (no file table)"]
+    if content_hash(listing) == entry_id.rsplit("/", 1)[-1]:
+        return []
+    try:
+        evaluations = read_json(evals_path(entry_dir), {"evaluations": []}).get("evaluations")
+    except (OSError, ValueError, AttributeError):
+        evaluations = None
+    if REGISTERED_KEY not in manifest and evaluations:
+        return []
+    return [
+        f"{MANIFEST_FILE}: its files do not hash to the id (changed and re-signed after"
+        " registration); do not trust this entry"
+    ]
 
 
 def sha256_file(path: Path) -> str:

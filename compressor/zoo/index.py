@@ -3,17 +3,27 @@
 WAL mode and a busy timeout let several processes register at once; every write runs in a
 `BEGIN IMMEDIATE` transaction, so writers queue instead of failing. JSON-valued fields (files with
 their sha256, summary, evaluations) are stored as text.
+
+Opening never creates: an index comes into being only whole, built under a temporary name and
+linked into place (`create`), so no process ever sees a half-made or zero-byte index. A file that
+is not a complete index (garbage, zero bytes, no table) is damaged, and every SQLite failure
+leaves here as one `ZooError` naming the file and what to do (`compress zoo reindex` for a damaged
+index, free space for a full disk).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from compressor.errors import ZooError
 from compressor.rundir import ZOO_INDEX_FILE
 
 SCHEMA_VERSION = 1
@@ -60,39 +70,137 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
-def connect(root: Path, timeout_s: float = 120.0) -> sqlite3.Connection:
-    """Open (creating if needed) the index of the zoo at `root`; autocommit mode, transactions
-    are explicit."""
-    root.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(root / ZOO_INDEX_FILE, timeout=timeout_s, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    return conn
+DAMAGED = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+SIDE_FILES = ("-wal", "-shm")  # SQLite's own companions of a WAL database
+
+
+def path_of(root: Path) -> Path:
+    return Path(root) / ZOO_INDEX_FILE
 
 
 def exists(root: Path) -> bool:
-    return (root / ZOO_INDEX_FILE).exists()
+    return path_of(root).exists()
+
+
+class IndexDamaged(ZooError):
+    """The index file exists but is not a sound index: only `compress zoo reindex` helps."""
+
+
+def damaged(root: Path, why: str) -> IndexDamaged:
+    return IndexDamaged(
+        f"{path_of(root)}: the zoo index is damaged ({why}); rebuild it from the entries with"
+        " `compress zoo reindex`"
+    )
+
+
+def fault(root: Path, err: BaseException) -> ZooError:
+    """One clear error for any SQLite or OS failure on the index of `root`."""
+    if isinstance(err, ZooError):
+        return err
+    name = getattr(err, "sqlite_errorname", "")
+    if name in DAMAGED or type(err) is sqlite3.DatabaseError:
+        return damaged(root, str(err))
+    full = (
+        name == "SQLITE_FULL"
+        or "disk is full" in str(err)
+        or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    )
+    what = "the disk is full; free some space and try again" if full else str(err)
+    return ZooError(f"{path_of(root)}: could not use the zoo index: {what}")
+
+
+def connect(root: Path, timeout_s: float = 120.0) -> sqlite3.Connection:
+    """Open the existing index of the zoo at `root` (never creates one: see `create`);
+    autocommit mode, transactions are explicit. Raises ZooError for a missing or damaged index."""
+    path = path_of(root)
+    if not path.exists():
+        raise ZooError(f"{path}: the zoo index is missing; rebuild it with `compress zoo reindex`")
+    try:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None
+        )
+    except sqlite3.Error as err:
+        raise fault(root, err) from err
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        if version != SCHEMA_VERSION or ("entries",) not in tables:
+            raise damaged(root, f"no entries table of schema version {SCHEMA_VERSION}")
+    except BaseException as err:
+        conn.close()
+        raise fault(root, err) from err
+    return conn
+
+
+def create(root: Path, rows: list[dict[str, Any]], replace: bool = False) -> Path | None:
+    """Build a complete index of `rows` under a temporary name, then put it in place: linked
+    (only where no index exists: a concurrent creator wins, and that is fine) or, with `replace`,
+    after moving whatever is there aside (`move_aside`, whose result is returned). Nothing is
+    moved until the new index is complete; the temporary file is removed on any failure."""
+    root, aside = Path(root), None
+    tmp = root / f".{ZOO_INDEX_FILE}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for row in rows:
+                insert(conn, row)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if replace:
+            aside = move_aside(root)
+            os.replace(tmp, path_of(root))
+        else:
+            with suppress(FileExistsError):  # a concurrent creator won: its index is as good
+                os.link(tmp, path_of(root))
+    except (OSError, sqlite3.Error) as err:
+        raise fault(root, err) from err
+    finally:
+        for suffix in ("", *SIDE_FILES):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    return aside
+
+
+def move_aside(root: Path) -> Path | None:
+    """Rename a damaged index and its WAL companions out of the way (kept for inspection, never
+    read again); returns the new name of the index file, or None when there was none."""
+    path, aside = path_of(root), None
+    stamp = f".damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for suffix in ("", *SIDE_FILES):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.rename(src, Path(f"{path}{stamp}{suffix}"))
+            aside = aside or Path(f"{path}{stamp}")
+    return aside
 
 
 @contextmanager
 def write_transaction(root: Path) -> Iterator[sqlite3.Connection]:
-    """`BEGIN IMMEDIATE` ... `COMMIT`: one writer at a time; rolled back on any exception."""
+    """`BEGIN IMMEDIATE` ... `COMMIT`: one writer at a time; rolled back on any exception.
+    SQLite failures leave as ZooError (`fault`)."""
     conn = connect(root)
     try:
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise fault(root, err) from err
     finally:
         conn.close()
 
@@ -102,6 +210,8 @@ def reader(root: Path) -> Iterator[sqlite3.Connection]:
     conn = connect(root)
     try:
         yield conn
+    except sqlite3.Error as err:
+        raise fault(root, err) from err
     finally:
         conn.close()
 

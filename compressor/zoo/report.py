@@ -156,6 +156,8 @@ def verify_failure(result: dict[str, Any]) -> str:
 
 
 def verify_text(report: dict[str, Any]) -> str:
+    if report.get("removed"):
+        return f"{report['id']}: removed while being verified (a concurrent `compress zoo rm`)"
     if report["passed"]:
         models = report["onnx"].get("models", {})
         checks = ", ".join(

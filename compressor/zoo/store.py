@@ -9,11 +9,26 @@ manifest, fsyncs, then inside one `BEGIN IMMEDIATE` transaction inserts the row 
 directory into place. A registration killed before that leaves only staging junk, which the next
 registration or `reindex` removes (once its process is gone). The manifest is the record of truth:
 `verify` re-hashes every file against it and against the index, and `reindex` rebuilds the index
-from the manifests alone.
+from the manifests.
+
+Trust. Two anchors outside a manifest say what an entry held when it was registered: the file
+checksums the index recorded then (changed only by `record_evaluation`), and the id itself, whose
+content hash covers every file (entry.id_problems). `verify` checks both, so a file modified and
+its manifest re-signed fails. `reindex` never moves trust: an entry the index already knows whose
+manifest now disagrees keeps its recorded row (and `verify` keeps failing it); an entry the index
+does not know (a lost or damaged index) is indexed from its manifest, and `verify` judges it by
+its id. Reindexing alone therefore never turns a failing entry into a passing one.
+
+Faults. A damaged or missing index is refused with one message (`compress zoo reindex` rebuilds
+it; a damaged file is moved aside, never read again). A missing index is never replaced by an
+empty one while entry directories exist. Disk full or any OS error during registration, export,
+an evaluation record or reindex is one ZooError; temporary files are removed and the entries that
+were there stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -30,7 +45,6 @@ from compressor.rundir import (
     ENV_FILE,
     EVALS_FILE,
     EXPORT_REPORT,
-    LEGACY_EVALS_FILE,
     MANIFEST_FILE,
     ONNX_DIR,
     ONNX_MODEL,
@@ -47,10 +61,12 @@ from compressor.zoo import index as zoo_index
 from compressor.zoo.card import model_card
 from compressor.zoo.entry import (
     ID_SEGMENTS,
+    REGISTERED_KEY,
     check_id,
     entry_row,
     file_table,
     fsync_tree,
+    id_problems,
     make_id,
     sha256_file,
 )
@@ -103,8 +119,32 @@ def _indexed_ids(root: Path) -> list[str]:
 
 
 def _require_index(root: Path) -> None:
+    """A missing index is an empty zoo only when there are no entry directories either."""
     if not zoo_index.exists(root) and _entry_dirs(root):
-        raise ZooError(f"{root}: the index is missing; rebuild it with `compress zoo reindex`")
+        raise ZooError(
+            f"{zoo_index.path_of(root)}: the zoo index is missing but {root / ENTRIES} holds"
+            " entries; rebuild it with `compress zoo reindex`"
+        )
+
+
+def _ensure_index(root: Path) -> None:
+    """Create the (empty) index of a new zoo; refused where entries exist without one."""
+    if not zoo_index.exists(root):
+        _require_index(root)
+        zoo_index.create(root, [])
+
+
+def fault_text(err: BaseException) -> str:
+    """One line for an OS error (shutil.Error's list of failures included)."""
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list):
+        src, _, why = err.args[0][0]  # copytree keeps only the text of each failure
+        if os.strerror(errno.ENOSPC) in why:
+            return f"the disk is full (copying {src}); free some space and try again"
+        return f"{why} (copying {src})"
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return f"the disk is full{where}; free some space and try again"
+    return str(err)
 
 
 def _entry_dirs(root: Path) -> list[Path]:
@@ -170,9 +210,11 @@ def register(run_dir: Path, root: Path) -> str:
     id, and registering it again returns the existing entry."""
     run_dir, root = Path(run_dir), Path(root)
     check_registrable(run_dir)
-    clean_staging(root)
-    staging = _new_staging(root)
+    staging = None
     try:
+        clean_staging(root)
+        _ensure_index(root)
+        staging = _new_staging(root)
         _copy_run(run_dir, staging)
         summary = read_json(staging / SUMMARY_FILE)
         entry_id = make_id(summary["teacher"], summary["student_shape"], file_table(staging))
@@ -180,8 +222,16 @@ def register(run_dir: Path, root: Path) -> str:
         fsync_tree(staging)
         _publish(root, staging, entry_id)
         return entry_id
+    except (OSError, ZooError) as err:
+        text = str(err) if isinstance(err, ZooError) else fault_text(err)
+        raise ZooError(
+            f"could not register {run_dir} in the zoo at {root}: {text}\n"
+            f"the run directory is finished and unchanged; once that is fixed, register it with:"
+            f" compress zoo add {run_dir}"
+        ) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _copy_run(run_dir: Path, staging: Path) -> None:
@@ -196,21 +246,25 @@ def _copy_run(run_dir: Path, staging: Path) -> None:
 
 
 def _finish_entry(staging: Path, entry_id: str, created: str, source: str) -> None:
-    """Model card, then the manifest of every file (card included); then seal."""
-    (staging / CARD_FILE).write_text(_card(staging, entry_id, created))
+    """Model card, then the manifest of every file (card included) with the evaluations file's
+    sha256 as registered (REGISTERED_KEY: what the id hashes); then seal."""
+    evaluations = read_json(evals_path(staging))["evaluations"]
+    (staging / CARD_FILE).write_text(_card(staging, entry_id, created, evaluations))
+    files = file_table(staging)
+    evals = evals_path(staging).name
     manifest = {
         "id": entry_id,
         "created": created,
         "source_run": source,
-        "files": file_table(staging),
+        "files": files,
+        REGISTERED_KEY: {evals: files[evals]["sha256"]},
     }
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     _seal(staging)
 
 
-def _card(d: Path, entry_id: str, created: str) -> str:
+def _card(d: Path, entry_id: str, created: str, evaluations: list[dict]) -> str:
     task = read_json(d / ONNX_DIR / EXPORT_REPORT, {}).get("task", "feature-extraction")
-    evaluations = read_json(evals_path(d), {"evaluations": []})["evaluations"]
     return model_card(
         entry_id,
         read_json(d / SUMMARY_FILE),
@@ -296,17 +350,29 @@ def verify(root: Path, text: str) -> dict[str, Any]:
 
 
 def file_problems(d: Path, entry_id: str, recorded: dict[str, dict]) -> list[str]:
-    """One line per missing, modified or extra file, and per disagreement with the manifest."""
+    """One line per missing, modified or extra file, per disagreement with the manifest, and when
+    the manifest's files do not hash to the id. An entry directory that vanishes meanwhile (a
+    concurrent `rm`) is reported, not raised."""
+    if not d.is_dir():
+        return [f"{d}: the entry directory is missing (removed?)"]
     problems = []
     try:
         manifest = read_json(d / MANIFEST_FILE)
-    except ValueError:
+    except (ValueError, FileNotFoundError):
         manifest = {}
     if manifest is None:
         problems.append(f"{MANIFEST_FILE}: missing")
-    elif manifest.get("id") != entry_id or manifest.get("files") != recorded:
-        problems.append(f"{MANIFEST_FILE}: disagrees with the index")
-    actual = file_table(d) if d.is_dir() else {}
+    elif not isinstance(manifest, dict):
+        problems.append(f"{MANIFEST_FILE}: malformed")
+    else:
+        if manifest.get("id") != entry_id or manifest.get("files") != recorded:
+            problems.append(f"{MANIFEST_FILE}: disagrees with the index")
+        if manifest:
+            problems += id_problems(d, entry_id, manifest)
+    try:
+        actual = file_table(d)
+    except FileNotFoundError:
+        return [f"{d}: the entry directory vanished while being checked (removed?)"]
     for path, want in recorded.items():
         got = actual.get(path)
         if got is None:
@@ -336,8 +402,10 @@ def onnx_check(d: Path) -> dict[str, Any]:
 def verify_zoo(root: Path, entry_id: str | None) -> dict[str, Any]:
     """Verify one entry, or (`entry_id` None) every entry plus the index itself and the entry
     directories it does not list. Writes nothing."""
-    ids = [entry_id] if entry_id is not None else [r["id"] for r in list_entries(root)]
-    reports = [verify(root, i) for i in ids]
+    if entry_id is not None:
+        reports = [verify(root, entry_id)]
+    else:
+        reports = [_verify_listed(root, r["id"]) for r in list_entries(root)]
     zoo_problems = []
     if entry_id is None:
         integrity = index_integrity(root)
@@ -348,6 +416,20 @@ def verify_zoo(root: Path, entry_id: str | None) -> dict[str, Any]:
         ]
     passed = all(r["passed"] for r in reports) and not zoo_problems
     return {"passed": passed, "entries": reports, "zoo_problems": zoo_problems}
+
+
+def _verify_listed(root: Path, entry_id: str) -> dict[str, Any]:
+    """`verify` of an entry listed a moment ago: one removed since (a concurrent `rm`) is
+    reported as removed, not as a failure, and never as a traceback."""
+    try:
+        report = verify(root, entry_id)
+    except ZooError:
+        if entry_id in _indexed_ids(root):
+            raise
+        report = {"id": entry_id, "passed": False, "problems": [], "onnx": {}}
+    if not report["passed"] and entry_id not in _indexed_ids(root):
+        return {"id": entry_id, "passed": True, "removed": True, "problems": [], "onnx": {}}
+    return report
 
 
 def index_integrity(root: Path) -> str:
@@ -429,68 +511,178 @@ def export_bundle(root: Path, text: str, dest: Path) -> Path:
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)
+    except OSError as err:
+        raise ZooError(
+            f"could not export {row['id']} to {dest}: {fault_text(err)}; nothing was written there"
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 def record_evaluation(root: Path, entry_id: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Append an evaluation to the entry's metrics.json (and its model card), updating the
-    manifest and the index row in one transaction. The only sanctioned change to an entry."""
+    """Append an evaluation to the entry's evaluations file (and its model card), updating the
+    manifest and the index row in one transaction. The only sanctioned change to an entry, and
+    only to an entry that verifies (every file, the manifest and the id).
+
+    All or nothing: the three new files are written and fsynced in staging first, then renamed
+    over the old ones (the manifest last) after hard-linking the old ones into staging; any
+    failure puts every replaced file back and rolls the index back, so the entry verifies as
+    before."""
     missing = [k for k in ("task", "metric", "student") if k not in evaluation]
     if missing or "mean" not in evaluation.get("student", {}):
         raise ZooError(f"evaluation: needs task, metric and student.mean (missing {missing})")
     root = Path(root)
     entry_id = resolve(root, entry_id)
     d = entry_dir(root, entry_id)
-    evals = evals_path(d).name  # entries registered before 0.2 keep their metrics.json
-    with zoo_index.write_transaction(root) as conn:
-        row = zoo_index.get(conn, entry_id)
-        stale = [
-            p
-            for p in file_problems(d, entry_id, row["files"])
-            if p.startswith((EVALS_FILE, LEGACY_EVALS_FILE, CARD_FILE, MANIFEST_FILE))
-        ]
-        if stale:
-            raise CheckFailed(f"{entry_id}: not recording an evaluation: " + "; ".join(stale))
-        evaluations = read_json(d / evals)["evaluations"]
-        evaluations.append({**evaluation, "created": evaluation.get("created") or _now()})
-        manifest = read_json(d / MANIFEST_FILE)
-        write_json_atomic(d / evals, {"evaluations": evaluations})
-        card_tmp = d / f".{CARD_FILE}.tmp-{os.getpid()}"
-        card_tmp.write_text(_card(d, entry_id, manifest["created"]))
-        os.replace(card_tmp, d / CARD_FILE)
-        for rel in (evals, CARD_FILE):
-            (d / rel).chmod(0o444)
-            manifest["files"][rel] = {
-                "sha256": sha256_file(d / rel),
-                "bytes": (d / rel).stat().st_size,
-            }
-        write_json_atomic(d / MANIFEST_FILE, manifest)
-        (d / MANIFEST_FILE).chmod(0o444)
-        new_row = entry_row(d)
-        zoo_index.replace(conn, new_row)
+    staging = None
+    try:
+        with zoo_index.write_transaction(root) as conn:
+            _refuse_unverified(root, entry_id, zoo_index.get(conn, entry_id))
+            staging = _new_staging(root)
+            new = _staged_evaluation(d, entry_id, evaluation, staging)
+            _swap_in(d, new, staging)
+            new_row = entry_row(d)
+            zoo_index.replace(conn, new_row)
+    except OSError as err:
+        raise ZooError(
+            f"could not record the evaluation in {entry_id}: {fault_text(err)}; the entry is"
+            " unchanged"
+        ) from err
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return new_row
 
 
+def check_recordable(root: Path, entry_id: str) -> None:
+    """Raise CheckFailed unless every file of the entry matches its manifest, the index and
+    its id (`record_evaluation` checks again inside its transaction)."""
+    _refuse_unverified(root, entry_id, get_entry(root, entry_id))
+
+
+def _refuse_unverified(root: Path, entry_id: str, row: dict[str, Any] | None) -> None:
+    if row is None:
+        raise ZooError(f"no entry {entry_id!r} in the zoo at {root} (removed meanwhile)")
+    problems = file_problems(entry_dir(root, entry_id), entry_id, row["files"])
+    if problems:
+        raise CheckFailed(
+            f"{entry_id}: does not verify; not recording an evaluation"
+            f" (see `compress zoo verify {entry_id}`):\n  " + "\n  ".join(problems)
+        )
+
+
+def _staged_evaluation(
+    d: Path, entry_id: str, evaluation: dict[str, Any], staging: Path
+) -> dict[str, Path]:
+    """The entry's evaluations file, model card and manifest with `evaluation` appended, written
+    (sealed, fsynced) under `staging`: {name in the entry: staged file}, the manifest last."""
+    evals = evals_path(d).name  # entries registered before 0.2 keep their metrics.json
+    manifest = read_json(d / MANIFEST_FILE)
+    if REGISTERED_KEY not in manifest and not id_problems(d, entry_id, manifest):
+        # registered before the key existed, evaluations untouched: this is the registered state
+        manifest[REGISTERED_KEY] = {evals: manifest["files"][evals]["sha256"]}
+    evaluations = read_json(d / evals)["evaluations"]
+    evaluations.append({**evaluation, "created": evaluation.get("created") or _now()})
+    new = {evals: staging / evals, CARD_FILE: staging / CARD_FILE}
+    write_json_atomic(new[evals], {"evaluations": evaluations})
+    new[CARD_FILE].write_text(_card(d, entry_id, manifest["created"], evaluations))
+    for rel, path in new.items():
+        manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    new[MANIFEST_FILE] = staging / MANIFEST_FILE
+    write_json_atomic(new[MANIFEST_FILE], manifest)
+    for path in new.values():
+        path.chmod(0o444)
+    fsync_tree(staging)
+    return new
+
+
+def _swap_in(d: Path, new: dict[str, Path], staging: Path) -> None:
+    """Rename each staged file over its namesake in `d`, in order, each old one hard-linked into
+    `staging/old/` first; on any failure every replaced file is put back."""
+    old = staging / "old"
+    old.mkdir()
+    replaced: list[str] = []
+    try:
+        for rel, path in new.items():
+            os.link(d / rel, old / rel)
+            os.replace(path, d / rel)
+            replaced.append(rel)
+    except BaseException:
+        for rel in reversed(replaced):
+            os.replace(old / rel, d / rel)
+        raise
+
+
 def reindex(root: Path) -> dict[str, Any]:
-    """Rebuild the index from the entry directories' manifests (staging is ignored and cleaned)."""
+    """Rebuild the index from the entry directories' manifests (staging is ignored and cleaned).
+
+    A sound index is rewritten in one transaction, keeping the row it recorded for every entry
+    whose manifest now disagrees with it (trust does not move: `verify` keeps failing that
+    entry). A damaged index is moved aside and a complete new one put in its place; a missing
+    one is created. Either way nothing is moved or replaced until the new rows are ready, and a
+    failure (disk full) leaves the old index as it was."""
     root = Path(root)
-    cleaned = clean_staging(root)
-    rows, skipped = [], []
-    for d in _entry_dirs(root):
-        rel = d.relative_to(root / ENTRIES).as_posix()
-        try:
-            row = entry_row(d)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            skipped.append(f"{rel}: unreadable entry ({type(err).__name__}: {err})")
-            continue
-        if row["id"] != rel:
-            skipped.append(f"{rel}: its manifest names another id ({row['id']})")
-            continue
-        rows.append(row)
-    with zoo_index.write_transaction(root) as conn:
-        zoo_index.delete_all(conn)
-        for row in rows:
-            zoo_index.insert(conn, row)
-    return {"entries": len(rows), "skipped": skipped, "staging_removed": cleaned}
+    try:
+        cleaned = clean_staging(root)
+        known, damaged = _recorded_rows(root)
+        rows, skipped, notes = [], [], []
+        for d in _entry_dirs(root):
+            row, why = _reindexed_row(root, d, known)
+            if row is None:
+                skipped.append(why)
+                continue
+            rows.append(row)
+            notes += [why] if why else []
+        aside = None
+        if zoo_index.exists(root) and not damaged:
+            with zoo_index.write_transaction(root) as conn:
+                zoo_index.delete_all(conn)
+                for row in rows:
+                    zoo_index.insert(conn, row)
+        else:
+            aside = zoo_index.create(root, rows, replace=True)
+    except OSError as err:
+        raise ZooError(f"could not rebuild the index of {root}: {fault_text(err)}") from err
+    return {
+        "entries": len(rows),
+        "skipped": skipped,
+        "untrusted": notes,
+        "staging_removed": cleaned,
+        "damaged_index": str(aside) if aside else None,
+    }
+
+
+def _recorded_rows(root: Path) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The rows of a sound index by id, and whether the index is damaged (to be replaced)."""
+    if not zoo_index.exists(root):
+        return {}, False
+    try:
+        with zoo_index.reader(root) as conn:
+            if zoo_index.integrity(conn) != "ok":
+                return {}, True
+            return {r["id"]: r for r in zoo_index.all_rows(conn)}, False
+    except zoo_index.IndexDamaged:
+        return {}, True
+
+
+def _reindexed_row(
+    root: Path, d: Path, known: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any] | None, str]:
+    """(the row to index, a note) for one entry directory, or (None, why it is skipped)."""
+    rel = d.relative_to(root / ENTRIES).as_posix()
+    try:
+        row = entry_row(d)
+        manifest = read_json(d / MANIFEST_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{rel}: unreadable entry ({type(err).__name__}: {err})"
+    if row["id"] != rel:
+        return None, f"{rel}: its manifest names another id ({row['id']})"
+    recorded = known.get(rel)
+    if recorded is not None and recorded["files"] != row["files"]:
+        return recorded, (
+            f"{rel}: its manifest disagrees with the checksums recorded at registration; kept"
+            f" the recorded ones (`compress zoo verify {rel}` fails it)"
+        )
+    bad = id_problems(d, rel, manifest)
+    return row, (f"{rel}: {bad[0]} (`compress zoo verify {rel}` fails it)" if bad else "")
