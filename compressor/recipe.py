@@ -7,22 +7,104 @@ what was expected and, for a misspelt key, a "did you mean".
 from __future__ import annotations
 
 import difflib
+import reprlib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compressor.errors import RecipeError
 from compressor.rundir import RECIPE_FILE, require_run_dir
 from compressor.shapes import Shape, config_has_mlm_head
 
 STRUCTURES = ("layers", "heads", "head_dims", "ffn", "hidden")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; refuse anything past 1 MiB
+MAX_YAML_DEPTH = 32  # sections nest 2-3 deep
+MAX_YAML_NODES = 10_000  # values after aliases are expanded (an alias bomb expands to millions)
+MAX_PROBLEMS = 25  # problems listed in one error; the rest are counted
+SHOWN_CHARS = 80  # a value quoted in an error is cut to this many characters
+INT64 = 2**63
+MAX_SEED = 2**32  # seeds are scaled (seed * 1_000_003 + ...) into torch's 64-bit generator seed
+MAX_NAME_BYTES = 255  # one path component on every common file system
+MAX_PATH_BYTES = 4096
+
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Size = Annotated[int, Field(ge=1, le=65_536)]
+
+
+def shown(value: Any) -> str:
+    """A value as quoted in an error: its repr, bounded in depth and cut to SHOWN_CHARS."""
+    text = _repr.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def cut(text: str) -> str:
+    """A text quoted in an error, cut to SHOWN_CHARS (non-printable characters escaped)."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 3, SHOWN_CHARS, SHOWN_CHARS
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be used as text or a path component (NUL, lone surrogates), or None."""
+    if "\0" in value:
+        return "contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (a lone surrogate)"
+    return None
+
+
+def path_problem(value: str) -> str | None:
+    """Why a string cannot name a file or directory, or None."""
+    bad = text_problem(value)
+    if bad:
+        return bad
+    if len(value.encode()) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes"
+    long = [part for part in value.split("/") if len(part.encode()) > MAX_NAME_BYTES]
+    if long:
+        return f"has a component longer than {MAX_NAME_BYTES} bytes ({shown(long[0])})"
+    return None
+
+
+def _check_value(value: Any) -> Any:
+    """Every recipe value: integers fit in 64 bits, strings are NUL-free, valid Unicode."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, int) and not isinstance(item, bool) and not -INT64 <= item < INT64:
+            raise ValueError("the integer does not fit in 64 bits")
+        if isinstance(item, str) and (bad := text_problem(item)):
+            raise ValueError(f"the text {bad}")
+    return value
+
+
+def _check_path(value: Any) -> Any:
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, str) and (bad := path_problem(item)):
+            raise ValueError(f"the path {bad}")
+    return value
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits(cls, value: Any) -> Any:
+        return _check_value(value)
 
 
 class TeacherSpec(_Frozen):
@@ -35,6 +117,16 @@ class TeacherSpec(_Frozen):
         False,
         description="build the teacher's architecture with random weights (shape/speed tests only)",
     )
+
+    @model_validator(mode="after")
+    def _id_fits_source(self) -> TeacherSpec:
+        if self.source == "package" and not all(p.isidentifier() for p in self.id.split(".")):
+            raise ValueError(
+                f"teacher.id: {shown(self.id)} is not a package name (dotted Python identifiers)"
+            )
+        if self.source == "local" and (bad := path_problem(self.id)):
+            raise ValueError(f"teacher.id: the path {bad}")
+        return self
 
 
 class DataSpec(_Frozen):
@@ -53,6 +145,11 @@ class DataSpec(_Frozen):
         256, ge=0, description="more held-out texts for the final, map-free quality (0: none)"
     )
     shuffle_buffer: int = Field(10_000, ge=1, description="streaming shuffle buffer")
+
+    @field_validator("files")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_path(value)
 
 
 class TargetShape(_Frozen):
@@ -129,10 +226,10 @@ class TrainSpec(_Frozen):
     lr: float = Field(3e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)  # decay would pull the student off the teacher
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     adam_eps: float = Field(1e-6, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
@@ -153,16 +250,16 @@ class ExportSpec(_Frozen):
     int8_atol: float = Field(1.0, ge=0.0)
     int8_rtol: float = Field(0.0, ge=0.0)
     int8_min_agreement: float = Field(0.98, ge=0.0, le=1.0)
-    batch_sizes: tuple[int, ...] = Field((1, 4), min_length=1)
-    seq_lengths: tuple[int, ...] = Field((16, 128), min_length=1)
+    batch_sizes: tuple[Size, ...] = Field((1, 4), min_length=1)
+    seq_lengths: tuple[Size, ...] = Field((16, 128), min_length=1)
 
 
 class BenchSpec(_Frozen):
     """Latency of student vs teacher, each timed in its own process."""
 
     enabled: bool = True
-    batch_sizes: tuple[int, ...] = Field((1,), min_length=1)
-    seq_lengths: tuple[int, ...] = Field((128,), min_length=1)
+    batch_sizes: tuple[Size, ...] = Field((1,), min_length=1)
+    seq_lengths: tuple[Size, ...] = Field((128,), min_length=1)
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
     iters: int = Field(30, ge=1)
@@ -171,7 +268,12 @@ class BenchSpec(_Frozen):
 
 
 class OutputSpec(_Frozen):
-    dir: str = "runs"
+    dir: str = Field("runs", min_length=1)
+
+    @field_validator("dir")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
 
 
 class GatesSpec(_Frozen):
@@ -189,11 +291,16 @@ with warnings.catch_warnings():  # `register` also names ABCMeta.register; field
 
     class ZooSpec(_Frozen):
         register: bool = True
-        dir: str | None = None  # default: $COMPRESS_ZOO, else ./zoo
+        dir: str | None = Field(None, min_length=1)  # default: $COMPRESS_ZOO, else ./zoo
+
+        @field_validator("dir")
+        @classmethod
+        def _path(cls, value: str | None) -> str | None:
+            return _check_path(value)
 
 
 class Recipe(_Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=MAX_NAME_BYTES)
     teacher: TeacherSpec
     data: DataSpec
     target: TargetShape
@@ -210,20 +317,146 @@ class Recipe(_Frozen):
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read, parse and validate a recipe file. Raises RecipeError listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found"])
+    return parse_recipe(read_recipe_yaml(path), source=cut(str(path)))
+
+
+def read_recipe_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a recipe file; RecipeError for anything that is not a small YAML text."""
+    source = cut(str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(source, ["file not found"])
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(source, [f"larger than {MAX_RECIPE_BYTES} bytes; not a recipe"])
+        data = path.read_bytes()
+    except (OSError, ValueError) as err:  # too long a name, a NUL, no permission...
+        raise RecipeError(source, [f"cannot read the file ({_os_reason(err)})"]) from None
+    return parse_yaml(decode_text(data, source), source)
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text (a byte-order mark is allowed); RecipeError naming the line of a bad byte."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RecipeError(source, ["the file is UTF-16; save it as UTF-8"])
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise RecipeError(source, [f"line {line}: a NUL byte (UTF-16 or binary?); save as UTF-8"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise RecipeError(
+            source,
+            [f"line {line}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8;"
+             " save the recipe as UTF-8"],
+        ) from None  # fmt: skip
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML with bounded nesting and bounded alias expansion, or RecipeError."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # the reader already refuses control characters
+        return loader.get_single_data()
     except yaml.YAMLError as err:
-        raise RecipeError(str(path), [f"not valid YAML: {err}"]) from None
-    return parse_recipe(raw, source=str(path))
+        raise RecipeError(source, [f"not valid YAML: {shown_yaml_error(err)}"]) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        # a constructor's own error: e.g. an out-of-range !!timestamp, an integer of 5000 digits
+        reason = f"{type(err).__name__}: {cut(str(err))}"
+        raise RecipeError(source, [f"not valid YAML: {reason}"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+if yaml.__with_libyaml__:  # libyaml's event parser: iterative, and 7x faster than PyYAML's
+    from yaml._yaml import CParser as _EventParser
+else:
+
+    class _EventParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+        def __init__(self, stream: str):
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+
+
+class _BoundedLoader(
+    yaml.composer.Composer, _EventParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver
+):
+    """A safe loader (PyYAML's own composer, constructor and resolver) that refuses a document
+    nested deeper than MAX_YAML_DEPTH or larger than MAX_YAML_NODES values once its aliases are
+    expanded (an alias bomb), and an alias inside its own anchor. Each node's expanded height and
+    size are computed as it is composed, from its children's, so nothing is ever expanded and
+    nothing recurses deeper than the document."""
+
+    def __init__(self, stream: str):
+        _EventParser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._depth = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (height, expanded size)
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            if anchor in self.anchors and id(self.anchors[anchor]) not in self._measured:
+                raise self._refuse(
+                    f"the alias *{anchor[:SHOWN_CHARS]} is inside its own anchor", mark
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        height, size = self._measure(node)
+        if self._depth + height > MAX_YAML_DEPTH:
+            raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels (aliases)", mark)
+        if size > MAX_YAML_NODES:
+            raise self._refuse(
+                f"more than {MAX_YAML_NODES} values (aliases expanded); not a recipe", mark
+            )
+        return node
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        if id(node) not in self._measured:
+            children = [
+                c
+                for item in (node.value if isinstance(node.value, list) else [])
+                for c in (item if isinstance(item, tuple) else (item,))
+            ]
+            kids = [self._measured.get(id(c), (1, 1)) for c in children]
+            height = 1 + max((h for h, _ in kids), default=0)
+            size = min(1 + sum(n for _, n in kids), MAX_YAML_NODES + 1)
+            self._measured[id(node)] = (height, size)
+        return self._measured[id(node)]
+
+    @staticmethod
+    def _refuse(problem: str, mark) -> yaml.YAMLError:
+        return yaml.composer.ComposerError(None, None, problem, mark)
+
+
+def shown_yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's message with its source snippet dropped and cut to a few lines."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + cut(str(problem))
+
+
+def _os_reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or cut(str(err))
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run (or a zoo entry) was started with."""
     path = require_run_dir(run_dir) / RECIPE_FILE
-    return parse_recipe(yaml.safe_load(path.read_text()), str(path))
+    return parse_recipe(read_recipe_yaml(path), str(path))
 
 
 def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
@@ -236,15 +469,17 @@ def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
         key, sep, value = item.partition("=")
         path = key.strip().split(".")
         if not sep or len(path) != 2 or not isinstance(raw.get(path[0]), dict):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. pruning.end_step=50")
+            problems.append(
+                f"--set {shown(item)}: expected section.key=value, e.g. pruning.end_step=50"
+            )
             continue
         try:
-            raw[path[0]][path[1]] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            problems.append(f"--set {item!r}: the value is not valid YAML ({err})")
+            raw[path[0]][path[1]] = parse_yaml(value, f"--set {shown(item)}")
+        except RecipeError as err:
+            problems += [f"--set {shown(item)}: the value is {p}" for p in err.problems]
     if problems:
         raise RecipeError(base.name, problems)
-    return parse_recipe(raw, f"{base.name} with --set {' '.join(overrides)}")
+    return parse_recipe(raw, cut(f"{base.name} with --set {' '.join(overrides)}"))
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
@@ -254,11 +489,18 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         problems = [_describe(e) for e in err.errors()]
-        raise RecipeError(source, problems + _section_problems(raw)) from None
+        raise RecipeError(source, capped(problems + _section_problems(raw))) from None
     problems = cross_field_problems(recipe)
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def capped(problems: list[str]) -> list[str]:
+    """At most MAX_PROBLEMS problems, then a count of the rest."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more problems"]
 
 
 def cross_field_problems(r: Recipe) -> list[str]:
@@ -347,6 +589,17 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
                 f"pruning.structures: the target shrinks {kind} but '{kind}' is not listed"
                 f" (listed: {', '.join(r.pruning.structures)})"
             )
+    positions = teacher.get("max_position_embeddings", 512)
+    for key, sizes in (
+        ("data.max_length", (r.data.max_length,)),
+        ("export.seq_lengths", r.export.seq_lengths if r.export.onnx else (0,)),
+        ("bench.seq_lengths", r.bench.seq_lengths if r.bench.enabled else (0,)),
+    ):
+        if max(sizes) > positions:
+            p.append(
+                f"{key}: {max(sizes)} is longer than the teacher's {positions} positions"
+                " (max_position_embeddings)"
+            )
     if r.distill.mlm > 0 and not config_has_mlm_head(teacher):
         p.append(
             f"distill.mlm: {r.distill.mlm} needs a teacher with a masked-LM head;"
@@ -359,10 +612,10 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(x) for x in err["loc"])
+    loc = ".".join(_key(x) for x in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent, key = err["loc"][:-1], str(err["loc"][-1])
+        parent, key = err["loc"][:-1], _key(err["loc"][-1])
         known = _known_keys(parent)
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         msg = f"{loc}: unknown key"
@@ -375,8 +628,15 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required key is missing"
     got = err.get("input")
-    shown = repr(got) if not isinstance(got, dict) else "a mapping"
-    return f"{loc}: {err['msg']} (got {shown})"
+    value = shown(got) if not isinstance(got, dict) else "a mapping"
+    msg = err["msg"] if len(err["msg"]) <= 2 * SHOWN_CHARS else cut(err["msg"])
+    return f"{loc}: {msg} (got {value})"
+
+
+def _key(part: Any) -> str:
+    """One part of a dotted key as printed: a user's unknown key may be anything, so it is cut."""
+    text = str(part)
+    return text if len(text) <= SHOWN_CHARS and text.isprintable() else shown(part)
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:

