@@ -22,7 +22,7 @@ from compressor.bert_params import pooler, student_parameters
 from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from compressor.checks import check_finite_losses
 from compressor.data import Batch, Corpus, mask_tokens
-from compressor.errors import CheckFailed
+from compressor.errors import CheckFailed, Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import (
     HiddenMaps,
@@ -55,6 +55,17 @@ from compressor.quality import similarity_discrepancy
 from compressor.recipe import DistillSpec, Recipe
 from compressor.shapes import Shape, param_count
 from compressor.teacher import Teacher
+from compressor.train_state import (
+    optimizer_names,
+    pack_importance,
+    pack_optimizer,
+    pack_student,
+    pruned_entries,
+    snapshot,
+    unpack_importance,
+    unpack_optimizer,
+    unpack_student,
+)
 
 FADE = "__layer_fade__"
 
@@ -84,19 +95,21 @@ def distill(
     fade = masks.fade.clone().requires_grad_(True)
     importance = EmaState.zeros_like({**params, FADE: fade})
     layers_chosen, start, floor = False, 0, None
+    initial, names = snapshot(student), optimizer_names(optimizer, params)
 
-    ckpt = load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir, warn=tqdm.write)
     if ckpt is not None:
-        student.load_state_dict(ckpt.student)
-        maps.load_state_dict(ckpt.maps)
-        optimizer.load_state_dict(ckpt.optimizer)
         masks = Masks.from_dict(ckpt.masks, device)
+        pruned = pruned_entries(student, masks)
+        student.load_state_dict(unpack_student(ckpt.student, initial, pruned))
+        maps.load_state_dict(ckpt.maps)
+        optimizer.load_state_dict(unpack_optimizer(ckpt.optimizer))
         fade = masks.fade.clone().requires_grad_(True)
-        importance = EmaState.from_dict(ckpt.importance, device)
+        importance = unpack_importance(ckpt.importance, importance, device)
         layers_chosen, start = bool(ckpt.layers_chosen), int(ckpt.step)
         floor = ckpt.noise_floor
         torch.set_rng_state(ckpt.torch_rng)
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
+    log = MetricsLog(run_dir, resume_step=start)  # step 0: a fresh log, nothing kept
     heldout = corpus.heldout.to(device)
     with torch.no_grad():
         teacher_heldout = encode(teacher.model, heldout.input_ids, heldout.attention_mask,
@@ -109,11 +122,13 @@ def distill(
         log.write({"step": 0, "event": "noise_floor", "floor": floor})
 
     def checkpoint(next_step: int) -> None:
+        pruned = pruned_entries(student, masks)
         save_checkpoint(run_dir, TrainingState(
-            step=next_step, student=student.state_dict(), maps=maps.state_dict(),
-            optimizer=optimizer.state_dict(), masks=replace(masks, fade=fade.detach()).to_dict(),
-            importance=importance.to_dict(), layers_chosen=layers_chosen,
-            noise_floor=floor, torch_rng=torch.get_rng_state(),
+            step=next_step, student=pack_student(student, initial, pruned),
+            maps=maps.state_dict(), optimizer=pack_optimizer(optimizer, names, pruned),
+            masks=replace(masks, fade=fade.detach()).to_dict(),
+            importance=pack_importance(importance, recipe, next_step),
+            layers_chosen=layers_chosen, noise_floor=floor, torch_rng=torch.get_rng_state(),
         ))  # fmt: skip
 
     batches = corpus.batches(start)
@@ -206,7 +221,7 @@ def distill(
             if done % tr.checkpoint_every == 0 or interrupted() or done == last:
                 checkpoint(done)
             if interrupted():
-                raise KeyboardInterrupt
+                raise Interrupted(run_dir, has_checkpoint=True, signum=interrupted())
     return DistillResult(replace(masks, fade=fade.detach()), maps, last)
 
 
@@ -520,23 +535,24 @@ def evaluate(
 @contextmanager
 def graceful_interrupt():
     """The first Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step;
-    a second one interrupts at once."""
-    hit = {"n": 0}
+    a second one interrupts at once. Yields a function: the signal received (0: none yet)."""
+    hit = {"n": 0, "signum": 0}
 
     def handler(signum, frame):
         hit["n"] += 1
+        hit["signum"] = hit["signum"] or signum
         if hit["n"] > 1:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)
         tqdm.write("interrupt: finishing this step, writing a checkpoint (again to abort now)")
 
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False  # signals can only be caught on the main thread
+        yield lambda: 0  # signals can only be caught on the main thread
         return
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in old:
         signal.signal(s, handler)
     try:
-        yield lambda: hit["n"] > 0
+        yield lambda: hit["signum"]
     finally:
         for s, h in old.items():
             signal.signal(s, h)

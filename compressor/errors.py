@@ -50,3 +50,24 @@ class ZooError(CompressError):
     """A zoo id is malformed, unknown or ambiguous, or a zoo operation was refused."""
 
     exit_code = 2
+
+
+class StorageError(CompressError):
+    """Writing to disk failed (disk full, quota, read-only); what was there before is intact."""
+
+    exit_code = 1
+
+
+class Interrupted(CompressError):
+    """Ctrl-C or SIGTERM stopped a run: says where it is and how to resume. Exits 128 + signal."""
+
+    def __init__(self, run_dir, has_checkpoint: bool, signum: int = 2):
+        self.run_dir = run_dir
+        self.has_checkpoint = has_checkpoint
+        self.exit_code = 128 + int(signum)
+        where = (
+            "from its last checkpoint"
+            if has_checkpoint
+            else "from step 0 (it stopped before its first checkpoint)"
+        )
+        super().__init__(f"interrupted; resume {where} with: compress run --resume {run_dir}")

