@@ -527,28 +527,31 @@ def record_evaluation(root: Path, entry_id: str, evaluation: dict[str, Any]) -> 
 
     All or nothing: the three new files are written and fsynced in staging first, then renamed
     over the old ones (the manifest last) after hard-linking the old ones into staging; any
-    failure puts every replaced file back and rolls the index back, so the entry verifies as
-    before."""
+    failure, up to and including the commit of the index row, puts every replaced file back and
+    rolls the index back, so the entry verifies as before."""
     missing = [k for k in ("task", "metric", "student") if k not in evaluation]
     if missing or "mean" not in evaluation.get("student", {}):
         raise ZooError(f"evaluation: needs task, metric and student.mean (missing {missing})")
     root = Path(root)
     entry_id = resolve(root, entry_id)
     d = entry_dir(root, entry_id)
-    staging = None
+    staging, replaced = None, []
     try:
         with zoo_index.write_transaction(root) as conn:
             _refuse_unverified(root, entry_id, zoo_index.get(conn, entry_id))
             staging = _new_staging(root)
             new = _staged_evaluation(d, entry_id, evaluation, staging)
-            _swap_in(d, new, staging)
+            _swap_in(d, new, staging, replaced)
             new_row = entry_row(d)
             zoo_index.replace(conn, new_row)
-    except OSError as err:
-        raise ZooError(
-            f"could not record the evaluation in {entry_id}: {fault_text(err)}; the entry is"
-            " unchanged"
-        ) from err
+    except BaseException as err:
+        _put_back(d, replaced, staging)
+        if isinstance(err, OSError):
+            raise ZooError(
+                f"could not record the evaluation in {entry_id}: {fault_text(err)}; the entry"
+                " is unchanged"
+            ) from err
+        raise
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -597,21 +600,20 @@ def _staged_evaluation(
     return new
 
 
-def _swap_in(d: Path, new: dict[str, Path], staging: Path) -> None:
+def _swap_in(d: Path, new: dict[str, Path], staging: Path, replaced: list[str]) -> None:
     """Rename each staged file over its namesake in `d`, in order, each old one hard-linked into
-    `staging/old/` first; on any failure every replaced file is put back."""
-    old = staging / "old"
-    old.mkdir()
-    replaced: list[str] = []
-    try:
-        for rel, path in new.items():
-            os.link(d / rel, old / rel)
-            os.replace(path, d / rel)
-            replaced.append(rel)
-    except BaseException:
-        for rel in reversed(replaced):
-            os.replace(old / rel, d / rel)
-        raise
+    `staging/old/` first; `replaced` grows as they go (for `_put_back`)."""
+    (staging / "old").mkdir()
+    for rel, path in new.items():
+        os.link(d / rel, staging / "old" / rel)
+        os.replace(path, d / rel)
+        replaced.append(rel)
+
+
+def _put_back(d: Path, replaced: list[str], staging: Path | None) -> None:
+    """Undo `_swap_in`: the old files back in place, newest first."""
+    for rel in reversed(replaced):
+        os.replace(staging / "old" / rel, d / rel)
 
 
 def reindex(root: Path) -> dict[str, Any]:

@@ -213,8 +213,10 @@ def test_reindex_does_not_adopt_a_re_signed_manifest(index, two, root):
 # ---------------------------------------------------------------------------- 4. evaluations
 
 
-@pytest.mark.parametrize("fail_after", [1, 2])
+@pytest.mark.parametrize("fail_after", [1, 2, "index row"])
 def test_recording_an_evaluation_is_all_or_nothing(fail_after, two, root, monkeypatch):
+    """Disk full after 1 or 2 of the 3 files were replaced, or when the index row is written
+    (all three replaced): the entry is left exactly as it was."""
     entry = two[0]
     d = zoo.entry_dir(root, entry)
     before = {p: p.read_bytes() for p in (evals_path(d), d / CARD_FILE, d / MANIFEST_FILE)}
@@ -229,10 +231,17 @@ def test_recording_an_evaluation_is_all_or_nothing(fail_after, two, root, monkey
         if Path(dst).parent == d:
             into_entry.append(dst)
 
-    with monkeypatch.context() as m, pytest.raises(ZooError, match=r"disk is full.*unchanged"):
+    def row_fails(conn, row):
+        failed.append(row)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as m, pytest.raises(ZooError, match=r"disk is full"):
         m.setattr(zoo.os, "replace", replace)
+        if fail_after == "index row":
+            m.setattr(zoo_index, "replace", row_fails)
         zoo.record_evaluation(root, entry, EVALUATION)
-    assert failed and len(into_entry) == 2 * fail_after  # failed midway: replaced, put back
+    swapped = 3 if fail_after == "index row" else fail_after
+    assert failed and len(into_entry) == 2 * swapped  # failed midway: replaced, then put back
     assert {p: p.read_bytes() for p in before} == before
     assert zoo.get_entry(root, entry) == row and zoo.verify(root, entry)["passed"]
     assert no_temporaries(root)
