@@ -119,10 +119,12 @@ def mutated_recipes(draw) -> object:
 
 
 def dump(doc) -> str:
-    try:
-        return yaml.dump(doc, Dumper=DUMPER, sort_keys=False, allow_unicode=True)
-    except yaml.YAMLError:  # e.g. a key PyYAML cannot represent
-        return yaml.safe_dump({"name": "unrepresentable"})
+    for allow_unicode in (True, False):  # a lone surrogate only dumps escaped
+        try:
+            return yaml.dump(doc, Dumper=DUMPER, sort_keys=False, allow_unicode=allow_unicode)
+        except (yaml.YAMLError, UnicodeEncodeError):
+            continue
+    return yaml.safe_dump({"name": "unrepresentable"})
 
 
 @st.composite
