@@ -362,8 +362,9 @@ def parse_yaml(text: str, source: str) -> Any:
         return loader.get_single_data()
     except yaml.YAMLError as err:
         raise RecipeError(source, [f"not valid YAML: {shown_yaml_error(err)}"]) from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as err:
-        # a constructor's own error: e.g. an out-of-range !!timestamp, an integer of 5000 digits
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
+            RecursionError) as err:  # fmt: skip
+        # a constructor's own error: an out-of-range or empty !!timestamp, an int of 5000 digits
         reason = f"{type(err).__name__}: {cut(str(err))}"
         raise RecipeError(source, [f"not valid YAML: {reason}"]) from None
     finally:

@@ -141,6 +141,7 @@ def test_a_quoted_value_is_cut_to_a_few_dozen_characters(tmp_path):
     [
         ("name: " + "9" * 5000 + "\n", "digits"),  # int() of 5000 digits: ValueError
         ("name: 2020-13-45\n", "month"),  # an impossible !!timestamp
+        ("name: !!timestamp ''\n", "AttributeError"),  # found by the stress fuzz
         ("name: !!binary abc\n", "base64"),
         ("? [a, b]\n: 1\n", "unhashable"),
         ("a: b: c\n", "not valid YAML"),

@@ -11,6 +11,7 @@ Never a traceback, never an uncaught exception, never a runaway message.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -66,7 +67,7 @@ scalars = (
     | st.text(max_size=40)
     | st.text(st.characters(codec=None, exclude_categories=()), max_size=10)
     | st.binary(max_size=10)
-    | st.sampled_from(INTERESTING)
+    | st.sampled_from(INTERESTING).map(copy.deepcopy)  # never mutate the shared constants
 )
 keys = st.text(max_size=12) | st.integers(-5, 5) | st.sampled_from(["name", "lr", "seed", "id"])
 values = st.recursive(
