@@ -105,6 +105,8 @@ def run(
     try:
         (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
+    except Interrupted:
+        raise  # the user stopped it: the directory stays, to resume from step 0
     except BaseException:
         discard_if_unstarted(run_dir)
         raise
