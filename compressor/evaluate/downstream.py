@@ -193,12 +193,15 @@ def predict(model: Classifier, tokenizer, split: Split, s: EvalSettings, device)
     return torch.cat(preds)
 
 
-def probe_head(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, device) -> nn.Linear:
-    """The linear probe of the frozen encoder, as a head on its pooled states."""
+def probe_head(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, device
+               ) -> tuple[nn.Linear, float]:  # fmt: skip
+    """The linear probe of the frozen encoder, as a head on its pooled states, and its validation
+    accuracy."""
     splits = {"train": task.train, "validation": task.validation}
     feats = {k: embed(encoder, tokenizer, v, s, device) for k, v in splits.items()}
     labels = {k: torch.tensor(v.labels) for k, v in splits.items()}
-    return fit_probe(feats, labels, task.num_labels)[0]
+    head, val, _ = fit_probe(feats, labels, task.num_labels)
+    return head, val
 
 
 def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: int, device,
@@ -207,18 +210,17 @@ def finetune(encoder: nn.Module, tokenizer, task: Task, s: EvalSettings, seed: i
     so training starts from the probe's accuracy instead of a random head) at each learning rate
     of the settings; keep the (learning rate, epoch) with the best validation accuracy, epoch 0
     being the probe itself, and report test accuracy there. Test is read once, at the choice."""
-    head = probe_head(encoder.to(device), tokenizer, task, s, device)
-    y_val = torch.tensor(task.validation.labels)
+    head, val = probe_head(encoder.to(device), tokenizer, task, s, device)
     model = Classifier(copy.deepcopy(encoder), task.num_labels).to(device)
-    model.head.load_state_dict(head.state_dict())
-    val = accuracy(predict(model, tokenizer, task.validation, s, device), y_val)
-    best = {"validation": val, "epoch": 0, "lr": None, "state": copy.deepcopy(model.state_dict())}
+    model.head.load_state_dict(head.state_dict())  # epoch 0: the probe on the frozen encoder
+    best = {"validation": val, "epoch": 0, "lr": None, "state": None}
     for lr in s.learning_rates():
         for epoch, val, state in train_epochs(encoder, head, tokenizer, task, s, lr, seed, device,
                                               f"{desc} lr {lr:g}"):  # fmt: skip
             if val > best["validation"]:
                 best = {"validation": val, "epoch": epoch, "lr": lr, "state": state}
-    model.load_state_dict(best.pop("state"))
+    if (state := best.pop("state")) is not None:
+        model.load_state_dict(state)
     y_test = torch.tensor(task.test.labels)
     return {**best, "test": accuracy(predict(model, tokenizer, task.test, s, device), y_test)}
 
