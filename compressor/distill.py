@@ -481,6 +481,10 @@ def clear_grads(tensors: dict[str, torch.Tensor], maps: HiddenMaps) -> None:
 
 
 def make_optimizer(params: dict, maps: HiddenMaps, r: Recipe) -> torch.optim.Optimizer:
+    """AdamW over the student and the maps. Frozen word embeddings still get gradients (importance
+    scores hidden dims from them) but are not stepped."""
+    if r.train.freeze_word_embeddings:
+        params = {n: p for n, p in params.items() if not n.endswith("word_embeddings.weight")}
     decay = [p for n, p in params.items() if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "LayerNorm" not in n)]
     groups = [

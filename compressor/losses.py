@@ -67,6 +67,17 @@ def representation_cosine(
     return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
 
 
+def similarity_mse(
+    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared difference of the in-batch pairwise cosine similarities of the mean-pooled
+    final states: the geometry of what ships, with no learned map (widths may differ)."""
+    s = F.normalize(mean_pool(student, attention_mask).float(), dim=-1)
+    t = F.normalize(mean_pool(teacher, attention_mask).float(), dim=-1)
+    i, j = torch.triu_indices(s.shape[0], s.shape[0], offset=1, device=s.device)
+    return ((s @ s.T)[i, j] - (t @ t.T)[i, j]).pow(2).mean()
+
+
 def prediction_kl(
     teacher_logits: torch.Tensor,
     student_logits: torch.Tensor,
@@ -121,11 +132,14 @@ def loss_terms(
             out["prediction"] = prediction_kl(t.logits, s.logits, positions, d.temperature)
         if d.mlm > 0:
             out["mlm"] = mlm_cross_entropy(s.logits, batch.labels)
-    elif d.prediction > 0:
+    else:
         last = len(t.hidden_states) - 1
-        out["prediction"] = representation_cosine(
-            maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
-        )
+        if d.prediction > 0:
+            out["prediction"] = representation_cosine(
+                maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
+            )
+        if d.similarity > 0 and att.shape[0] > 1:
+            out["similarity"] = similarity_mse(s.hidden_states[-1], t.hidden_states[-1], att)
     return out
 
 
@@ -135,5 +149,6 @@ def weighted_total(d: DistillSpec, losses: dict[str, torch.Tensor]) -> torch.Ten
         "attention": d.attention,
         "prediction": d.prediction,
         "mlm": d.mlm,
+        "similarity": d.similarity,
     }
     return sum(weights[k] * v for k, v in losses.items())

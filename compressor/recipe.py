@@ -210,6 +210,12 @@ class DistillSpec(_Frozen):
 
     mlm: float = Field(0.0, ge=0.0)
     prediction: float = Field(1.0, ge=0.0)
+    similarity: float = Field(
+        0.0,
+        ge=0.0,
+        description="head-less teachers: MSE of the in-batch pairwise cosine similarities of the"
+        " shipped sentence embeddings (no learned map)",
+    )
     hidden: float = Field(1.0, ge=0.0)
     attention: float = Field(1.0, ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
@@ -226,6 +232,11 @@ class TrainSpec(_Frozen):
     lr: float = Field(3e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)  # decay would pull the student off the teacher
+    freeze_word_embeddings: bool = Field(
+        False,
+        description="keep the teacher's word embeddings (they still score and lose hidden dims):"
+        " words rare in the distillation text keep their meaning",
+    )
     adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     adam_eps: float = Field(1e-6, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -541,7 +552,8 @@ def cross_field_problems(r: Recipe) -> list[str]:
             "pruning.layer_selection: width truncation ranks nothing, so layers must be chosen"
             " 'uniform' (evenly spaced, DistilBERT-style)"
         )
-    if r.distill.mlm + r.distill.prediction + r.distill.hidden + r.distill.attention == 0:
+    d = r.distill
+    if d.mlm + d.prediction + d.hidden + d.attention + d.similarity == 0:
         p.append("distill: every loss weight is 0; nothing would be learned")
     return p
 
@@ -605,6 +617,11 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
         p.append(
             f"distill.mlm: {r.distill.mlm} needs a teacher with a masked-LM head;"
             f" this teacher is {teacher.get('architectures')}. Set distill.mlm: 0"
+        )
+    if r.distill.similarity > 0 and config_has_mlm_head(teacher):
+        p.append(
+            "distill.similarity: the similarity term is for sentence encoders (head-less"
+            " teachers); an MLM teacher is matched by distill.prediction. Set distill.similarity: 0"
         )
     return p
 

@@ -45,6 +45,18 @@ class Teacher:
         return Vocab(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
 
 
+def nudged(teacher: Teacher, relative: float, seed: int = 123) -> Teacher:
+    """The teacher with every weight w moved by w * relative * N(0, 1), in place: the 1e-6 nudge
+    that must not change a pruning plan (a plan that moves with it was taken from noise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(p.abs() * relative * torch.randn(p.shape, generator=g).to(p.device))
+    return teacher
+
+
 # the shape fields every check reads, with BertConfig's defaults for those a config may omit
 CONFIG_SIZES = {
     "num_hidden_layers": 12,

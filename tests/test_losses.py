@@ -17,6 +17,7 @@ from compressor.losses import (
     mlm_cross_entropy,
     prediction_kl,
     representation_cosine,
+    similarity_mse,
     weighted_total,
 )
 from compressor.prune.masks import Masks
@@ -121,6 +122,53 @@ def test_representation_cosine_known_value_and_padding_ignored():
     assert representation_cosine(s, t, att).item() == pytest.approx(want, abs=1e-6)
     s[:, 2] = torch.tensor([123.0, -4.0])  # padding tokens of every row
     assert representation_cosine(s, t, att).item() == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- similarity
+
+
+def test_similarity_mse_hand_value_padding_ignored_and_map_free():
+    # pooled student rows [1, 0], [0, 1], [1, 1]; teacher rows [1, 0], [1, 0], [0, 1] (3 dims:
+    # the widths may differ). Student cosines (0, 1), (0, 2), (1, 2): 0, 1/sqrt2, 1/sqrt2;
+    # teacher: 1, 0, 0.
+    s = torch.tensor([[[2.0, 0.0], [9.0, 9.0]], [[0.0, 3.0], [9.0, 9.0]], [[1.0, 1.0], [1, 1]]])
+    t = torch.tensor([[[1.0, 0, 0], [0, 0, 0]], [[4.0, 0, 0], [0, 0, 0]], [[0, 5.0, 0], [0, 5, 0]]])
+    att = torch.tensor([[1, 0], [1, 0], [1, 1]])
+    want = ((0 - 1) ** 2 + (1 / math.sqrt(2)) ** 2 * 2) / 3
+    assert similarity_mse(s, t, att).item() == pytest.approx(want, abs=1e-6)
+    s[:2, 1] = torch.tensor([-70.0, 3.0])  # padding tokens
+    assert similarity_mse(s, t, att).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_similarity_mse_zero_for_the_same_geometry_in_other_coordinates():
+    """A rotated, rescaled student has the teacher's geometry; a shuffled one does not."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 4, 8, generator=g)
+    att = torch.ones(6, 4, dtype=torch.long)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    rotated = 3.0 * t @ q
+    assert similarity_mse(rotated, t, att).item() < 1e-10
+    assert similarity_mse(t[torch.randperm(6, generator=g)], t, att).item() > 1e-2
+
+
+def test_loss_terms_similarity_on_the_unmapped_final_state():
+    """The similarity term reads the student's own last state, not the learned map of it."""
+    t = hand_outputs(seed=0)
+    s = copy.deepcopy(t)
+    maps = HiddenMaps(4, 8)
+    with torch.no_grad():
+        maps.maps[3].weight.mul_(-5.0).add_(torch.randn(8, 8))  # a map that scrambles
+    d = DistillSpec(hidden=0.0, attention=0.0, prediction=0.0, similarity=1.0)
+    out = loss_terms(d, t, s, maps, Masks.full(SHAPE), hand_batch())
+    assert set(out) == {"similarity"}
+    assert out["similarity"].item() < 1e-10
+    s.hidden_states[3] = s.hidden_states[3].flip(0)  # swap the two texts' final states
+    s.hidden_states[3][1] = s.hidden_states[3][1] * torch.linspace(-1, 1, 8)
+    out = loss_terms(d, t, s, maps, Masks.full(SHAPE), hand_batch())
+    assert out["similarity"].item() > 1e-3
+    assert weighted_total(d.model_copy(update={"similarity": 2.0}), out).item() == pytest.approx(
+        2 * out["similarity"].item()
+    )
 
 
 # ---------------------------------------------------------------------------- prediction / mlm
@@ -275,3 +323,31 @@ def test_loss_terms_zero_at_identity_headless():
     assert out["hidden"].item() == 0.0
     assert out["attention"].item() == 0.0
     assert abs(out["prediction"].item()) < 1e-6  # 1 - cosine: exact up to float rounding
+
+
+# ---------------------------------------------------------------------------- frozen embeddings
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_word_embeddings_get_gradients_but_do_not_move(frozen):
+    """Importance still scores hidden dims from the word embeddings' gradient; AdamW skips them."""
+    from compressor.bert_params import student_parameters
+    from compressor.distill import make_optimizer
+    from compressor.recipe import load_recipe, with_overrides
+    from tests.conftest import RECIPES
+
+    recipe = with_overrides(
+        load_recipe(RECIPES / "tiny-test.yaml"), [f"train.freeze_word_embeddings={frozen}"]
+    )
+    model = tiny_bert()
+    params = student_parameters(model)
+    optimizer = make_optimizer(params, HiddenMaps(4, 32), recipe)
+    words = model.embeddings.word_embeddings.weight
+    before, other = words.detach().clone(), model.embeddings.position_embeddings.weight
+    other_before = other.detach().clone()
+    ids, att = tiny_batch()
+    encode(model, ids, att).hidden_states[-1].pow(2).mean().backward()
+    assert words.grad is not None and words.grad.abs().sum() > 0
+    optimizer.step()
+    assert torch.equal(words.detach(), before) == frozen
+    assert not torch.equal(other.detach(), other_before)

@@ -12,7 +12,7 @@ from compressor.checkpoint import load_checkpoint
 from compressor.metrics import read_metrics
 from compressor.recipe import load_recipe, with_overrides
 from compressor.rundir import METRICS_FILE
-from compressor.teacher import load_teacher
+from compressor.teacher import load_teacher, nudged
 from tests.conftest import RECIPES
 
 TINY = RECIPES / "tiny-test.yaml"
@@ -67,13 +67,8 @@ def baseline_plans(tmp_path_factory):
     return out
 
 
-def perturbed_teacher(relative: float, seed: int = 123):
-    teacher = load_teacher(load_recipe(TINY).teacher)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(p.abs() * relative * torch.randn(p.shape, generator=g))
-    return teacher
+def perturbed_teacher(relative: float):
+    return nudged(load_teacher(load_recipe(TINY).teacher), relative)
 
 
 # Under bf16 autocast the training steps themselves compute in bf16, so the weights after a step

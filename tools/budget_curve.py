@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="movie_retrieval,rotten_tomatoes")
     ap.add_argument("--reuse", action="append", default=[], metavar="FACTOR=RUNS_DIR",
                     help="Use finished runs of this factor from another comparison's runs/.")  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="Another override for every run, e.g. train.threads=1.")  # fmt: skip
     args = ap.parse_args()
     factors = [float(f) for f in args.factors.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -104,7 +106,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         if factor in reuse and not (out / "runs").exists():
             (out / "runs").symlink_to(reuse[factor].resolve(), target_is_directory=True)
-        overrides = scaled(args.recipe, factor) if factor != 1 else []
+        overrides = [*(scaled(args.recipe, factor) if factor != 1 else []), *args.set]
         results = compare(args.recipe, out, ["homodistil"], seeds, tasks, settings, overrides)
         rows.append({"factor": factor, "results": results})
     (args.out / "budget.json").write_text(json.dumps(rows, indent=2))

@@ -2,9 +2,12 @@
 and how far the plan moves when only the thread count does.
 
     .venv/bin/python tools/results.py --out runs/results            # 3 seeds x {1, 2} threads
+    .venv/bin/python tools/results.py --out runs/results --perturb  # + seed 0 with the teacher
+                                        # nudged by relative 1e-6 noise, and under bf16 autocast
 
 Each run is `compress run RECIPE --set train.seed=S --set train.threads=T` (no export, no zoo:
 quality only) in its own process; finished runs under --out are reused, so re-running resumes.
+A perturbed run is compared, plan against plan, with the same seed and thread count unperturbed.
 Writes results.md and results.json beside the runs.
 """
 
@@ -24,17 +27,45 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("similarity_spearman", "neighbour_top1", "neighbour_top5")
 
 
-def run_once(recipe: Path, out: Path, seed: int, threads: int) -> Path:
-    root = out / f"seed{seed}-threads{threads}"
+# what a perturbed run changes: recipe overrides, and the teacher's relative weight nudge
+PERTURBATIONS = {"weights_1e-6": ([], 1e-6), "bf16_autocast": (["train.precision=bf16"], 0.0)}
+
+
+def finished(root: Path) -> Path | None:
     done = [d for d in sorted(root.glob("*/*/")) if (d / SUMMARY_FILE).exists()]
-    if done:
-        return done[-1]
+    return done[-1] if done else None
+
+
+def run_once(recipe: Path, out: Path, seed: int, threads: int, perturbation: str = "") -> Path:
+    root = out / f"seed{seed}-threads{threads}{'-' + perturbation if perturbation else ''}"
+    if (d := finished(root)) is not None:
+        return d
+    extra, nudge = PERTURBATIONS.get(perturbation, ([], 0.0))
     sets = [f"train.seed={seed}", f"train.threads={threads}", "export.onnx=false",
-            "bench.enabled=false"]  # fmt: skip
+            "bench.enabled=false", *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "compressor", "run", str(recipe), "--output", str(root),
            "--no-register", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    if nudge:  # the same run in a child process, with the nudged teacher
+        cmd = [sys.executable, __file__, "--nudged-run", str(nudge), *cmd[4:]]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return next(d for d in sorted(root.glob("*/*/")) if (d / SUMMARY_FILE).exists())
+    return finished(root)
+
+
+def nudged_run(relative: float, argv: list[str]) -> None:
+    """`compress run` with the recipe's teacher nudged by `relative` noise (argv: run's args)."""
+    from compressor import pipeline
+    from compressor.recipe import load_recipe, with_overrides
+    from compressor.teacher import load_teacher, nudged
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--output", type=Path)
+    ap.add_argument("--no-register", action="store_true")
+    ap.add_argument("--set", action="append", default=[])
+    a = ap.parse_args(argv)
+    recipe = with_overrides(load_recipe(a.recipe), a.set)
+    teacher = nudged(load_teacher(recipe.teacher), relative)
+    pipeline.run(recipe, a.output, teacher=teacher, register=False)
 
 
 def overlap(a: dict, b: dict) -> dict[str, float]:
@@ -59,6 +90,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--perturb", action="store_true", help="+ seed 0: 1e-6 weight nudge, bf16")
+    if len(sys.argv) > 2 and sys.argv[1] == "--nudged-run":
+        return nudged_run(float(sys.argv[2]), sys.argv[3:])
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -72,12 +106,20 @@ def main() -> None:
                          "discrepancy_final": summary["discrepancy"]["final"]})  # fmt: skip
     table = {m: over_seeds([r["quality"][m] for r in runs]) for m in METRICS}
     table["discrepancy_final"] = over_seeds([r["discrepancy_final"] for r in runs])
-    by = {(r["seed"], r["threads"]): r for r in runs}
+    by = {(r["seed"], r["threads"]): r for r in runs}  # unperturbed runs only
     stability = {
         seed: overlap(by[(seed, threads[0])]["plan"], by[(seed, t)]["plan"])
         for seed in seeds
         for t in threads[1:]
     }
+    for name in PERTURBATIONS if args.perturb else ():
+        d = run_once(args.recipe, args.out, seeds[0], threads[-1], name)
+        runs.append({"seed": seeds[0], "threads": threads[-1], "perturbation": name,
+                     "run_dir": str(d), "plan": read_json(d / PLAN_FILE),
+                     "quality": read_json(d / SUMMARY_FILE)["quality"]})  # fmt: skip
+        stability[f"{seeds[0]}, {name}"] = overlap(
+            by[(seeds[0], threads[-1])]["plan"], runs[-1]["plan"]
+        )
     lines = [
         f"{args.recipe.name}: {len(runs)} runs (seeds {seeds} x threads {threads})",
         "",
@@ -89,10 +131,11 @@ def main() -> None:
         lines.append(
             f"| {name} | {v['mean']:.4f} | {v['std']:.4f} | {v['std'] / abs(v['mean']):.1%} | {each} |"
         )
-    lines += ["", "| seed | kept layers | plan overlap, threads " + " vs ".join(map(str, threads))
-              + ": layers identical / hidden / heads / ffn |", "|---|---|---|"]  # fmt: skip
+    lines += ["", "| seed | kept layers | plan overlap (threads: with the seed's run at "
+              f"{threads[0]} thread(s); a perturbation: with the same run unperturbed): layers"
+              " identical / hidden / heads / ffn |", "|---|---|---|"]  # fmt: skip
     for seed, o in stability.items():
-        layers = by[(seed, threads[0])]["plan"]["layers"]
+        layers = by[(int(str(seed).split(",")[0]), threads[0])]["plan"]["layers"]
         lines.append(
             f"| {seed} | {layers} | {'yes' if o['layers_identical'] else 'NO'} / {o['hidden']:.3f}"
             f" / {o['heads']:.3f} / {o['ffn']:.3f} |"
