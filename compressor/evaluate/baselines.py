@@ -85,10 +85,18 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
 
 
 def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | None:
+    """A recorded evaluation of `task` made with every setting its result depends on."""
     for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
-        if r["task"] == task and r["settings"] == settings.to_dict():
+        retrieval = "documents" in r["splits"]
+        if r["task"] == task and used_settings(r["settings"], retrieval) == settings.used(
+            retrieval
+        ):
             return r
     return None
+
+
+def used_settings(recorded: dict, retrieval: bool) -> dict:
+    return EvalSettings(**recorded).used(retrieval)
 
 
 def compare(

@@ -21,7 +21,7 @@ from compressor.environment import pick_device
 from compressor.errors import RunDirError
 from compressor.evaluate.downstream import evaluate_encoder, task_metric
 from compressor.evaluate.settings import EvalSettings
-from compressor.evaluate.tasks import load_task
+from compressor.evaluate.tasks import RetrievalTask, load_task
 from compressor.recipe import load_run_recipe
 from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, read_json, write_json_atomic
 from compressor.teacher import Teacher, load_teacher, teacher_key
@@ -104,7 +104,8 @@ def deterministic(task, settings: EvalSettings) -> bool:
 
 def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds, device) -> dict:
     seeds = [] if deterministic(task, settings) else seeds
-    key = json.dumps([teacher_key(teacher), task.describe(), settings.to_dict(), seeds])
+    used = settings.used(isinstance(task, RetrievalTask))
+    key = json.dumps([teacher_key(teacher), task.describe(), used, seeds])
     path = cache_root() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -22,5 +22,15 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def used(self, retrieval: bool) -> dict:
+        """The settings a result depends on: zero-shot retrieval and the linear probe do not
+        train the encoder, so a fine-tuning setting (epochs, lr) never makes them stale."""
+        d = self.to_dict()
+        if retrieval:
+            return {k: d[k] for k in ("max_length", "batch_size", "max_eval", "split_seed")}
+        if self.mode == "probe":
+            return {k: v for k, v in d.items() if k not in ("epochs", "lr")}
+        return d
+
     def learning_rates(self) -> tuple[float, ...]:
         return LR_GRID if self.lr is None else (self.lr,)
