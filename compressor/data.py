@@ -161,7 +161,7 @@ class Corpus:
     def __init__(self, spec: DataSpec, tokenizer: Any, seed: int, batch_size: int, accum: int):
         self.spec, self.tok, self.seed = spec, tokenizer, seed
         self.batch_size, self.accum = batch_size, accum
-        self.stream: StepReader | None = None
+        self.reader: StepReader | None = None
         reserved = spec.heldout + spec.quality_texts  # never trained on
         if spec.pack and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
             raise DataError("data.pack: the tokenizer has no [CLS]/[SEP]; set data.pack: false")
@@ -169,7 +169,7 @@ class Corpus:
             kind = files_kind(spec) if spec.source == "files" else None
             stream = TextStream(spec, tokenizer, seed, {"jsonl": "json"}.get(kind, kind))
             held, quality = stream.reserved[: spec.heldout], stream.reserved[spec.heldout :]
-            self.stream = StepReader(stream, batch_size * accum)
+            self.reader = StepReader(stream, batch_size * accum)
             self.train_ids: Sequence = []
         else:
             texts = self._read_all()
@@ -226,7 +226,7 @@ class Corpus:
         """The micro-batches of every step from `start_step` on; never runs out."""
         step = start_step
         while True:
-            seqs = self.stream.sequences(step) if self.stream else self._sampled(step)
+            seqs = self.reader.sequences(step) if self.reader else self._sampled(step)
             yield [
                 self.collate(seqs[m * self.batch_size : (m + 1) * self.batch_size])
                 for m in range(self.accum)
@@ -249,19 +249,19 @@ class Corpus:
     def position(self, step: int) -> dict[str, Any] | None:
         """What a checkpoint saves to continue at `step`: a stream's position (None: in memory,
         or a stream's start)."""
-        pos = self.stream.position(step) if self.stream else None
+        pos = self.reader.position(step) if self.reader else None
         return pos.to_dict() if pos else None
 
     def restore(self, step: int, saved: dict[str, Any] | None) -> None:
         """Continue at `step` from what `position(step)` returned when the checkpoint was saved."""
-        if not self.stream:
+        if not self.reader:
             return
         if saved is None and step > 0:
             raise DataError(
                 f"the checkpoint at step {step} has no stream position (saved by an older"
                 " version, which did not keep one); start the run again"
             )
-        self.stream.restore(step, Position.from_dict(saved) if saved else None)
+        self.reader.restore(step, Position.from_dict(saved) if saved else None)
 
 
 def mask_tokens(
