@@ -5,7 +5,8 @@ packed, looped over epochs, and resumable from a small saved position.
 Order. The source is read in its own order. Its first `reserved` texts are the held-out ones; every
 epoch starts right after them (from the source's state there, not by reading them again). The rest
 is read in windows of `data.shuffle_buffer` texts; each window is permuted by a generator seeded
-with (seed, epoch, window), tokenised in batched calls and packed (packing.py). Tokens left at the
+with (seed, epoch, window), tokenised in batched calls and packed (packing.py) on a thread, while
+the steps use the window before it: tokenising is off the training loop's path. Tokens left at the
 end of a window start the next window's first sequence, across epochs too. An epoch ends where the
 source does and the next one starts over: the stream never runs out, the schedule (train.steps)
 alone decides how much is read.
@@ -24,8 +25,10 @@ known: any of them can be asked for again, and the one after a checkpoint is sav
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -102,6 +105,8 @@ class TextStream:
         self.train_start: dict[str, Any] = self.source.state_dict()
         self.texts_read = 0
         self._live: tuple[int, int] | None = (0, 0)  # (epoch, window) the open reader is at
+        self._reading = threading.Lock()
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress-tokenize")
 
     def _texts(self, rows) -> Iterator[str]:
         """The non-blank texts of the source; DataError for a missing or non-string field."""
@@ -143,25 +148,36 @@ class TextStream:
             return pack_texts(self.tok, texts, self.spec.max_length, carry)
         return self.tok(texts, truncation=True, max_length=self.spec.max_length)["input_ids"], []
 
+    def _prepared(
+        self, epoch: int, window: int, state: dict[str, Any], carry: tuple[int, ...]
+    ) -> tuple[Sequence, list[int], bool, dict[str, Any]]:
+        """A window's sequences, the carry after them, whether the epoch ends with it and the
+        source's state after it. Runs on the tokenising thread; one reader of the source at once."""
+        with self._reading:
+            texts, ended, after = self._window(epoch, window, state)
+        order = window_order(len(texts), self.seed, epoch, window)
+        seqs, left = self._encode([texts[i] for i in order], carry)
+        return seqs, left, ended, after
+
     def sequences(self, start: Position | None = None) -> Iterator[tuple[Sequence[int], Position]]:
-        """Every sequence from `start` (None: the first) on, each with the position of the next."""
+        """Every sequence from `start` (None: the first) on, each with the position of the next.
+        The next window is read and tokenised on a thread while this one's sequences are used."""
         pos = start or Position(0, 0, self.train_start, (), 0)
         epoch, window, state, carry, skip = pos.epoch, pos.window, pos.state, pos.carry, pos.offset
         whole, before, made = window == 0 and skip == 0, carry, 0  # whole: read from its start
+        ahead = self._ahead.submit(self._prepared, epoch, window, state, carry)
         while True:
-            texts, ended, after = self._window(epoch, window, state)
-            order = window_order(len(texts), self.seed, epoch, window)
-            seqs, left = self._encode([texts[i] for i in order], carry)
+            seqs, left, ended, after = ahead.result()
+            made += len(seqs)
+            if ended and whole and made == 0 and tuple(left) == before:  # an epoch without a token
+                raise DataError("data: the stream has no training text after the held-out texts")
+            following = (epoch + 1, 0, self.train_start) if ended else (epoch, window + 1, after)
+            ahead = self._ahead.submit(self._prepared, *following, tuple(left))
             for i in range(skip, len(seqs)):
                 yield seqs[i], Position(epoch, window, state, carry, i + 1)
-            made, carry, skip = made + len(seqs), tuple(left), 0
-            if not ended:
-                window, state = window + 1, after
-                continue
-            if whole and made == 0 and carry == before:  # an epoch without a token
-                raise DataError("data: the stream has no training text after the held-out texts")
-            epoch, window, state = epoch + 1, 0, self.train_start
-            whole, before, made = True, carry, 0
+            (epoch, window, state), carry, skip = following, tuple(left), 0
+            if ended:
+                whole, before, made = True, carry, 0
 
 
 class StepReader:

@@ -188,7 +188,7 @@ def test_resume_gives_the_same_batches_without_reading_the_skipped_texts(
         resumed = stream_corpus(tmp_path, tok, n=400, pack=pack)
         resumed.restore(k, saved)
         got = steps(resumed, k, 1)
-        assert resumed.reader.stream.texts_read <= 2 * 8  # one window (or two), not k steps' worth
+        assert resumed.reader.stream.texts_read <= 3 * 8  # a window or two and the one ahead
         got += steps(resumed, k + 1, 60 - k - 1)
         assert all(torch.equal(a, b) for a, b in zip(want[k:], got, strict=True))
 
