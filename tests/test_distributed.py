@@ -110,7 +110,8 @@ def test_resume_with_another_number_of_processes_is_refused(recipe_file, tmp_pat
     stopped = pipeline.run(recipe_file, output=tmp_path, stop_after=2)  # one process
     assert (stopped.run_dir / "checkpoint.pt").exists()
     done = torchrun(2, "run", "--resume", str(stopped.run_dir))
-    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.returncode != 0  # torchrun exits 1 when a worker fails; the workers exit 2
+    assert "exitcode: 2" in done.stderr, done.stderr[-3000:]
     assert "written by 1 process(es), and this resume has 2" in done.stderr
     assert f"compress run --resume {stopped.run_dir}" in done.stderr
 
