@@ -243,7 +243,7 @@ def distill(
             if done % tr.checkpoint_every == 0 or stop or done == last:
                 checkpoint(done)
             if stop:
-                raise Interrupted(run_dir, has_checkpoint=True, signum=stop)
+                raise Interrupted(run_dir, True, stop, distributed.world_size())
     weights = {**student.state_dict(), **{f"maps.{k}": v for k, v in maps.state_dict().items()}}
     distributed.check_identical(weights, "the student's weights and maps at the end of training")
     return DistillResult(replace(masks, fade=fade.detach()), maps, last)

@@ -118,7 +118,7 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
         module,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,
-        broadcast_buffers=False,  # the buffers are constants (position ids)
+        forward_sync_buffers=False,  # the buffers are constants (position ids)
     )
 
 

@@ -37,7 +37,7 @@ from compressor.data import Corpus
 from compressor.deploy.stages import deploy
 from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
-from compressor.errors import Interrupted, RecipeError, RunDirError
+from compressor.errors import Interrupted, RecipeError, RunDirError, resume_command
 from compressor.forward import encode, mean_pool
 from compressor.gates import check_gates
 from compressor.losses import HiddenMaps, prediction_kl
@@ -148,13 +148,10 @@ def check_same_processes(ckpt: TrainingState | None, run_dir: Path) -> None:
     n = distributed.world_size()
     if ckpt is None or ckpt.world_size == n:
         return
-    again = f"compress run --resume {run_dir}"
-    if ckpt.world_size > 1:
-        again = f"torchrun --nproc_per_node={ckpt.world_size} -m compressor run --resume {run_dir}"
     raise RunDirError(
         f"{run_dir}: its checkpoint (step {ckpt.step}) was written by {ckpt.world_size}"
         f" process(es), and this resume has {n}; a run resumes with as many processes as it"
-        f" was trained with (on one machine: {again})"
+        f" was trained with (on one machine: {resume_command(run_dir, ckpt.world_size)})"
     )
 
 
@@ -206,7 +203,9 @@ def _execute(
         return _stages(recipe, run_dir, device, teacher, stop_after, zoo, register)
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one outside the training loop
         signum = int(err.args[0]) if err.args else signal.SIGINT
-        raise Interrupted(run_dir, has_checkpoint(run_dir), signum) from None
+        raise Interrupted(
+            run_dir, has_checkpoint(run_dir), signum, distributed.world_size()
+        ) from None
 
 
 def _stages(
