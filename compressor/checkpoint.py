@@ -51,8 +51,10 @@ class TrainingState:
     importance: dict[str, Any] | None  # None once no pruning step remains (never read again)
     layers_chosen: bool
     noise_floor: dict[str, dict[str, float]] | None  # per signal, per kind (distill.py)
-    torch_rng: torch.Tensor
+    torch_rng: torch.Tensor  # rank 0's CPU generator
     data: dict[str, Any] | None = None  # a stream's position (data.py); older checkpoints lack it
+    world_size: int = 1  # the processes that trained it (torchrun); a resume needs as many
+    rank_rng: list[dict[str, torch.Tensor]] | None = None  # per rank: "cpu", and "cuda" on GPUs
 
 
 class Damaged(Exception):
@@ -128,7 +130,9 @@ def load_checkpoint(
             continue
         if damaged:
             warn(f"warning: {damaged[0]}; resuming from {name} (step {int(raw['step'])})")
-        return TrainingState(**{f.name: raw.get(f.name, f.default) for f in fields(TrainingState)})
+        return TrainingState(
+            **{f.name: raw[f.name] for f in fields(TrainingState) if f.name in raw}
+        )
     if damaged:
         raise RunDirError(
             f"{'; '.join(damaged)}; no good checkpoint remains, so this run cannot resume: start"
@@ -154,10 +158,14 @@ def read_verified(path: Path) -> dict[str, Any]:
         raw = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # a payload that hashes right but is not ours
         raise Damaged(f"unreadable: {type(err).__name__}") from None
-    required = [f.name for f in fields(TrainingState) if f.default is MISSING]
-    if not isinstance(raw, dict) or any(name not in raw for name in required):
+    if not isinstance(raw, dict) or any(f.name not in raw for f in required_fields()):
         raise Damaged("not a training state of this version")
     return raw
+
+
+def required_fields() -> list:
+    """The fields every checkpoint holds (those added later have defaults)."""
+    return [f for f in fields(TrainingState) if f.default is MISSING]
 
 
 def has_checkpoint(run_dir: Path) -> bool:

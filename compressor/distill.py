@@ -3,6 +3,8 @@
 Reads top to bottom. Every mask change is a visible line; there are no hooks. Step s (0-based):
 teacher forward, student forward under the masks, loss, backward, importance update, optimizer
 step, re-zero pruned weights, and, on pruning steps, shrink the masks to the schedule's widths.
+Under torchrun each process takes its share of a step's micro-batches and DDP averages the
+gradients (distributed.py); everything after the backward is the same on every process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from compressor import distributed
 from compressor.bert_params import pooler, student_parameters
 from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from compressor.checks import check_finite_losses
@@ -26,7 +29,7 @@ from compressor.errors import CheckFailed, Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import (
     HiddenMaps,
-    loss_terms,
+    StudentLoss,
     prediction_kl,
     representation_cosine,
     weighted_total,
@@ -61,6 +64,8 @@ from compressor.train_state import (
     pack_optimizer,
     pack_student,
     pruned_entries,
+    rng_state,
+    set_rng_state,
     snapshot,
     unpack_importance,
     unpack_optimizer,
@@ -92,7 +97,7 @@ def distill(
     maps = HiddenMaps(full.layers + 1, full.hidden).to(device)
     optimizer = make_optimizer(params, maps, recipe)
     masks = Masks.full(full, device)
-    fade = masks.fade.clone().requires_grad_(True)
+    fade = torch.nn.Parameter(masks.fade.clone())  # dL/dfade ranks the layers
     importance = EmaState.zeros_like({**params, FADE: fade})
     layers_chosen, start, floor = False, 0, None
     initial, names = snapshot(student), optimizer_names(optimizer, params)
@@ -103,40 +108,55 @@ def distill(
         pruned = pruned_entries(student, masks)
         student.load_state_dict(unpack_student(ckpt.student, initial, pruned))
         maps.load_state_dict(ckpt.maps)
-        optimizer.load_state_dict(unpack_optimizer(ckpt.optimizer))
-        fade = masks.fade.clone().requires_grad_(True)
+        optimizer.load_state_dict(unpack_optimizer(ckpt.optimizer))  # moves it to the params
+        with torch.no_grad():
+            fade.copy_(masks.fade)
         importance = unpack_importance(ckpt.importance, importance, device)
         layers_chosen, start = bool(ckpt.layers_chosen), int(ckpt.step)
         floor = ckpt.noise_floor
-        torch.set_rng_state(ckpt.torch_rng)
+        rngs = ckpt.rank_rng or [{"cpu": ckpt.torch_rng}]
         corpus.restore(start, ckpt.data)
-    log = MetricsLog(run_dir, resume_step=start)  # step 0: a fresh log, nothing kept
+        set_rng_state(rngs[distributed.rank()], device)
+        check_on_device(device, student, maps, optimizer, importance, masks)
+    # what learns or is ranked from a gradient, as one module: under torchrun DDP all-reduces
+    # its gradients (the teacher is not wrapped)
+    model = distributed.wrap(StudentLoss(student, maps, fade, teacher.has_mlm_head), device)
+    main = distributed.is_main()  # the one process that writes files
+    log = MetricsLog(run_dir, resume_step=start, enabled=main)  # step 0: a fresh log
     heldout = corpus.heldout.to(device)
     with torch.no_grad():
         teacher_heldout = encode(teacher.model, heldout.input_ids, heldout.attention_mask,
                                  with_logits=teacher.has_mlm_head)  # fmt: skip
     if start == 0:
-        log.write(evaluate(0, teacher, student, maps, masks, heldout, teacher_heldout))
+        if main:
+            log.write(evaluate(0, teacher, student, maps, masks, heldout, teacher_heldout))
         first = next(corpus.batches(0))[0]
-        floor = noise_floors(r, teacher, student, maps, replace(masks, fade=fade), first, device,
+        floor = noise_floors(r, teacher, student, model, replace(masks, fade=fade), first, device,
                              {**params, FADE: fade})  # fmt: skip
         log.write({"step": 0, "event": "noise_floor", "floor": floor})
 
     def checkpoint(next_step: int) -> None:
-        pruned = pruned_entries(student, masks)
-        save_checkpoint(run_dir, TrainingState(
-            step=next_step, student=pack_student(student, initial, pruned),
-            maps=maps.state_dict(), optimizer=pack_optimizer(optimizer, names, pruned),
-            masks=replace(masks, fade=fade.detach()).to_dict(),
-            importance=pack_importance(importance, recipe, next_step),
-            layers_chosen=layers_chosen, noise_floor=floor, torch_rng=torch.get_rng_state(),
-            data=corpus.position(next_step),
-        ))  # fmt: skip
+        """Rank 0 writes (with every rank's random generators); the others wait."""
+        rngs = distributed.gather(rng_state(device))
+        if main:
+            pruned = pruned_entries(student, masks)
+            save_checkpoint(run_dir, TrainingState(
+                step=next_step, student=pack_student(student, initial, pruned),
+                maps=maps.state_dict(), optimizer=pack_optimizer(optimizer, names, pruned),
+                masks=replace(masks, fade=fade.detach()).to_dict(),
+                importance=pack_importance(importance, recipe, next_step),
+                layers_chosen=layers_chosen, noise_floor=floor, torch_rng=rngs[0]["cpu"],
+                world_size=distributed.world_size(), rank_rng=rngs,
+                data=corpus.position(next_step),
+            ))  # fmt: skip
+        distributed.barrier()
 
     batches = corpus.batches(start)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16")
+    bf16 = tr.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     last = min(tr.steps, stop_after) if stop_after is not None else tr.steps
-    bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step")
+    bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
+               disable=not main)  # fmt: skip
     with graceful_interrupt() as interrupted:
         for step in bar:
             lr = schedule.lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
@@ -148,7 +168,7 @@ def distill(
             masks = replace(masks, fade=fade)
             if schedule.is_pruning_step(step, p.start_step, p.end_step, p.interval, p.schedule):
                 source, scores, margins = pruning_signal(
-                    recipe, teacher, student, maps, masks, corpus, step, device, importance,
+                    recipe, teacher, student, model, masks, corpus, step, device, importance,
                     {**params, FADE: fade}, floor,
                 )  # fmt: skip
                 event = {"step": step, "event": "prune", "signal": source, "margins": margins}
@@ -163,6 +183,7 @@ def distill(
                 )
                 ranked = rank_structures(p.importance, student, scores, full, masks.layers)
                 masks = prune_to(masks, ranked, widths)
+                distributed.check_identical(masks.to_dict(), f"the masks pruned at step {step}")
                 zero_pruned_weights(student, masks)
                 log.write({**event, **widths.to_dict()})
             if layers_chosen:
@@ -170,41 +191,38 @@ def distill(
                 with torch.no_grad():
                     fade.copy_(torch.where(masks.layers, 1.0, f))
 
-            # 2. forward teacher and student on each micro-batch, backward the weighted loss; a
-            #    student that is still exactly the teacher has nothing to learn (its gradient is
-            #    rounding noise), so that step moves nothing
+            # 2. forward teacher and student on each micro-batch of this process's share (all of
+            #    them in one process), backward the weighted loss; gradients are averaged over the
+            #    processes on the last one. A student that is still exactly the teacher has nothing
+            #    to learn (its gradient is rounding noise), so that step moves nothing
             terms: dict[str, float] = {"loss_total": 0.0}
             step_batches = next(batches)
-            if is_teacher_copy(recipe, masks, optimizer):
-                step_batches, terms["identity_step"] = [], True
-            for micro, batch in enumerate(step_batches):
+            identity = is_teacher_copy(recipe, masks, optimizer)
+            share = [] if identity else distributed.my_share(step_batches)
+            for n, (micro, batch) in enumerate(share):
                 batch = prepare(batch, teacher, recipe, step, micro).to(device)
                 with torch.no_grad(), autocast:
                     t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
                                    with_logits=teacher.has_mlm_head)  # fmt: skip
-                with autocast:
-                    s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
-                                   with_logits=teacher.has_mlm_head,
-                                   dropout=r.distill.student_dropout)  # fmt: skip
-                    losses = loss_terms(r.distill, t_out, s_out, maps, masks, batch)
-                    total = weighted_total(r.distill, losses) / tr.grad_accum
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                check_finite_losses(step, values)  # before anything learns from it
-                total.backward()
-                for k, v in {**values, "total": float(total.detach()) * tr.grad_accum}.items():
+                with distributed.syncing(model, sync=n == len(share) - 1):
+                    losses = model(r.distill, t_out, masks, batch, r.distill.student_dropout, bf16)
+                    total = weighted_total(r.distill, losses)
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    check_finite_losses(step, values)  # before anything learns from it
+                    (total / len(share)).backward()  # DDP then averages over the processes
+                for k, v in {**values, "total": float(total.detach())}.items():
                     terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v / tr.grad_accum
 
             # 3. importance from this step's gradients (dL/dtheta, before clipping), then the
             #    optimizer step
-            if not terms.get("identity_step"):
+            if not identity:
                 if p.importance != "truncate":
                     tensors = {**params, FADE: fade}
                     update_state(importance, tensors, p.importance, p.beta1, p.beta2)
                 norm = clip_grad_norm_([*params.values(), *maps.parameters()], tr.max_grad_norm)
                 check_finite_losses(step, {"gradient norm": float(norm)})
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            fade.grad = None
+            model.zero_grad(set_to_none=True)
             zero_pruned_weights(student, masks)
 
             # 4. metrics, held-out discrepancy, checkpoint
@@ -213,17 +231,23 @@ def distill(
             n_params = param_count(alive, teacher.vocab, pooler(student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
-                log.write({"step": done, "lr": lr, **terms, "params": n_params, **alive.to_dict()})
-            if done % tr.eval_every == 0 or done == tr.steps:
+                terms = distributed.sum_over_ranks(terms)  # each holds its share of the mean
+                flag = {"identity_step": True} if identity else {}
+                log.write({"step": done, "lr": lr, **terms, **flag, "params": n_params,
+                           **alive.to_dict()})  # fmt: skip
+            if main and (done % tr.eval_every == 0 or done == tr.steps):
                 ev = evaluate(done, teacher, student, maps, replace(masks, fade=fade.detach()),
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
                 bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
                                 params=f"{n_params / 1e6:.1f}M")  # fmt: skip
-            if done % tr.checkpoint_every == 0 or interrupted() or done == last:
+            stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
+            if done % tr.checkpoint_every == 0 or stop or done == last:
                 checkpoint(done)
-            if interrupted():
-                raise Interrupted(run_dir, has_checkpoint=True, signum=interrupted())
+            if stop:
+                raise Interrupted(run_dir, True, stop, distributed.world_size())
+    weights = {**student.state_dict(), **{f"maps.{k}": v for k, v in maps.state_dict().items()}}
+    distributed.check_identical(weights, "the student's weights and maps at the end of training")
     return DistillResult(replace(masks, fade=fade.detach()), maps, last)
 
 
@@ -266,13 +290,15 @@ def choose_layers(
         ]
 
     def cost(kept: torch.Tensor) -> float:
-        """Discrepancy of the final output with the other layers faded out (forward only)."""
+        """Discrepancy of the final output with the other layers faded out (forward only);
+        rank 0's, so that every process takes the same decision."""
         trial = replace(masks, layers=kept.to(device), fade=kept.to(masks.fade))
         with torch.no_grad():
-            return sum(
+            value = sum(
                 output_discrepancy(teacher, student, trial, b, t)
                 for b, t in zip(batches, targets, strict=True)
             ) / len(batches)
+        return distributed.from_main(value)
 
     kept, rounds = greedy_layer_removal(masks.layers.numel(), keep, cost)
     return kept, {"layer_removal_costs": rounds}
@@ -309,7 +335,7 @@ def pruning_signal(
     r: Recipe,
     teacher: Teacher,
     student: torch.nn.Module,
-    maps: HiddenMaps,
+    model: torch.nn.Module,
     masks: Masks,
     corpus: Corpus,
     step: int,
@@ -339,8 +365,7 @@ def pruning_signal(
         source = "probe"
         if not clear:
             importance.reset()  # what it holds is not signal: start afresh
-        probe_importance(r, teacher, student, maps, masks, corpus, step, device, importance,
-                         tensors)  # fmt: skip
+        probe_importance(r, teacher, model, masks, corpus, step, device, importance, tensors)
         margins = importance_margins(
             student, importance, floors["probe"], masks, p.beta1, teacher.shape
         )
@@ -388,7 +413,7 @@ def noise_floors(
     r: Recipe,
     teacher: Teacher,
     student: torch.nn.Module,
-    maps: HiddenMaps,
+    model: torch.nn.Module,
     masks: Masks,
     batch: Batch,
     device: torch.device,
@@ -398,10 +423,10 @@ def noise_floors(
     held to. None when the student does not start as its teacher (its gradients are real)."""
     if r.student.init != "teacher" or r.pruning.importance != "sensitivity":
         return None
-    fp32 = measure_noise_floor(r, teacher, student, maps, masks, batch, device, tensors, False)
+    fp32 = measure_noise_floor(r, teacher, student, model, masks, batch, device, tensors, False)
     if r.train.precision == "fp32":
         return {"ema": fp32, "probe": fp32}
-    low = measure_noise_floor(r, teacher, student, maps, masks, batch, device, tensors, True)
+    low = measure_noise_floor(r, teacher, student, model, masks, batch, device, tensors, True)
     return {"ema": low, "probe": fp32}
 
 
@@ -409,7 +434,7 @@ def measure_noise_floor(
     r: Recipe,
     teacher: Teacher,
     student: torch.nn.Module,
-    maps: HiddenMaps,
+    model: torch.nn.Module,
     masks: Masks,
     batch: Batch,
     device: torch.device,
@@ -417,14 +442,15 @@ def measure_noise_floor(
     bf16: bool,
 ) -> dict[str, float]:
     """The importance that rounding noise alone produces: one backward pass of the student while
-    it still equals the teacher (no dropout), in fp32 or under bf16 autocast."""
+    it still equals the teacher (no dropout), in fp32 or under bf16 autocast. Every process
+    measures the same batch (through DDP: the same averaged gradients)."""
     batch = prepare(batch, teacher, r, -1, 0).to(device)
     # the distillation terms only: they sit at their minimum at the teacher, the MLM loss does
     # not (its gradient there is real, not noise)
-    backward_distill_loss(r.distill.model_copy(update={"mlm": 0.0}), teacher, student, maps,
-                          masks, batch, bf16=bf16)  # fmt: skip
+    backward_distill_loss(r.distill.model_copy(update={"mlm": 0.0}), teacher, model, masks, batch,
+                          bf16=bf16)  # fmt: skip
     noise = {n: instant_importance(t, t.grad, "sensitivity") for n, t in tensors.items()}
-    clear_grads(tensors, maps)
+    model.zero_grad(set_to_none=True)
     kinds = {**structure_scores(student, noise, teacher.shape.head_dim), "layers": noise[FADE]}
     return noise_floor(kinds)
 
@@ -432,8 +458,7 @@ def measure_noise_floor(
 def probe_importance(
     r: Recipe,
     teacher: Teacher,
-    student: torch.nn.Module,
-    maps: HiddenMaps,
+    model: torch.nn.Module,
     masks: Masks,
     corpus: Corpus,
     step: int,
@@ -445,41 +470,65 @@ def probe_importance(
     equals the teacher, where every loss gradient is rounding noise): a few forward/backward
     passes with dropout in the student give |theta * grad| a real signal. Always in fp32, so the
     decisions it feeds do not depend on the training precision. Nothing is updated but the
-    importance state."""
+    importance state. Every process probes the same batches with rank 0's dropout masks, so the
+    averaged gradients equal a single process's."""
     p = r.pruning
+    set_rng_state(distributed.from_main(rng_state(device)), device)
     for micro_batches in islice(corpus.batches(step), p.probe_batches):
         batch = prepare(micro_batches[0], teacher, r, step, 0).to(device)
-        backward_distill_loss(r.distill, teacher, student, maps, masks, batch, p.probe_dropout)
+        backward_distill_loss(r.distill, teacher, model, masks, batch, p.probe_dropout)
         update_state(importance, tensors, "sensitivity", p.beta1, p.beta2)
-        clear_grads(tensors, maps)
+        model.zero_grad(set_to_none=True)
 
 
 def backward_distill_loss(
     d: DistillSpec,
     teacher: Teacher,
-    student: torch.nn.Module,
-    maps: HiddenMaps,
+    model: torch.nn.Module,
     masks: Masks,
     batch: Batch,
     dropout: float = 0.0,
     bf16: bool = False,
 ) -> None:
     """One forward/backward of the weighted distillation loss on one batch (no optimizer step):
-    what the noise floor and the probe measure importance from."""
+    what the noise floor and the probe measure importance from. `model` is the loop's
+    StudentLoss (under DDP: every backward goes through DDP's forward)."""
     autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
     with torch.no_grad(), autocast:
         t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
                        with_logits=teacher.has_mlm_head)  # fmt: skip
-    with autocast:
-        s_out = encode(student, batch.input_ids, batch.attention_mask, masks,
-                       with_logits=teacher.has_mlm_head, dropout=dropout)  # fmt: skip
-        total = weighted_total(d, loss_terms(d, t_out, s_out, maps, masks, batch))
-    total.backward()
+    weighted_total(d, model(d, t_out, masks, batch, dropout, bf16)).backward()
 
 
-def clear_grads(tensors: dict[str, torch.Tensor], maps: HiddenMaps) -> None:
-    for t in [*tensors.values(), *maps.parameters()]:
-        t.grad = None
+def check_on_device(
+    device: torch.device,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    optimizer: torch.optim.Optimizer,
+    importance: EmaState,
+    masks: Masks,
+) -> None:
+    """CheckFailed naming every piece of the training state that is not on `device` (a resumed
+    checkpoint is loaded to the CPU first)."""
+    pieces = {
+        **{f"student.{n}": t for n, t in student.state_dict().items()},
+        **{f"maps.{n}": t for n, t in maps.state_dict().items()},
+        **{f"importance.i_bar.{n}": t for n, t in importance.i_bar.items()},
+        **{f"importance.u_bar.{n}": t for n, t in importance.u_bar.items()},
+        **{f"masks.{n}": t for n, t in masks.__dict__.items()},
+        **{
+            f"optimizer.state[{i}].{k}": v
+            for i, st in enumerate(optimizer.state.values())
+            for k, v in st.items()
+            if isinstance(v, torch.Tensor) and v.ndim > 0  # AdamW keeps `step` on the CPU
+        },
+    }
+    elsewhere = [n for n, t in pieces.items() if t.device.type != device.type]
+    if elsewhere:
+        raise CheckFailed(
+            f"after the resume, {len(elsewhere)} tensors of the training state are not on"
+            f" {device}: {', '.join(elsewhere[:5])}"
+        )
 
 
 def make_optimizer(params: dict, maps: HiddenMaps, r: Recipe) -> torch.optim.Optimizer:

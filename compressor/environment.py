@@ -62,7 +62,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def describe_environment(device: torch.device) -> dict:
+def describe_environment(device: torch.device, processes: int = 1) -> dict:
     import torch
 
     return {
@@ -72,6 +72,7 @@ def describe_environment(device: torch.device) -> dict:
         "device": str(device),
         "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
+        "processes": processes,  # torchrun's WORLD_SIZE
         "git_sha": git_sha(),
         "packages": package_versions(),
     }

@@ -58,10 +58,18 @@ class StorageError(CompressError):
     exit_code = 1
 
 
+def resume_command(run_dir, processes: int = 1) -> str:
+    """The command that continues a run trained by `processes` processes (torchrun, on one
+    machine, when more than one)."""
+    if processes > 1:
+        return f"torchrun --nproc_per_node={processes} -m compressor run --resume {run_dir}"
+    return f"compress run --resume {run_dir}"
+
+
 class Interrupted(CompressError):
     """Ctrl-C or SIGTERM stopped a run: says where it is and how to resume. Exits 128 + signal."""
 
-    def __init__(self, run_dir, has_checkpoint: bool, signum: int = 2):
+    def __init__(self, run_dir, has_checkpoint: bool, signum: int = 2, processes: int = 1):
         self.run_dir = run_dir
         self.has_checkpoint = has_checkpoint
         self.exit_code = 128 + int(signum)
@@ -70,4 +78,4 @@ class Interrupted(CompressError):
             if has_checkpoint
             else "from step 0 (it stopped before its first checkpoint)"
         )
-        super().__init__(f"interrupted; resume {where} with: compress run --resume {run_dir}")
+        super().__init__(f"interrupted; resume {where} with: {resume_command(run_dir, processes)}")

@@ -29,6 +29,14 @@ class EncoderOutput:
     attentions: list[torch.Tensor]  # each layer: [B, H, T, T] probabilities
     logits: torch.Tensor | None  # MLM logits [B, T, V] when asked and the model has a head
 
+    def float(self) -> EncoderOutput:
+        """Every tensor in fp32 (what came out of a bf16 autocast forward, for the losses)."""
+        return EncoderOutput(
+            [h.float() for h in self.hidden_states],
+            [a.float() for a in self.attentions],
+            self.logits.float() if self.logits is not None else None,
+        )
+
 
 def masked_layer_norm(
     x: torch.Tensor, ln: nn.LayerNorm, keep: torch.Tensor | None, all_kept: bool

@@ -1,5 +1,6 @@
-"""Distillation loss terms as pure functions of tensors, the learned hidden-state maps, and the
-assembly of the recipe's terms (`loss_terms`, `weighted_total`)."""
+"""Distillation loss terms as pure functions of tensors, the learned hidden-state maps, the
+assembly of the recipe's terms (`loss_terms`, `weighted_total`) and `StudentLoss`, the module
+that turns a batch into those terms (what DDP wraps)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.data import Batch
-from compressor.forward import EncoderOutput, mean_pool
+from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.prune.masks import Masks
 from compressor.recipe import DistillSpec
 
@@ -152,3 +153,32 @@ def weighted_total(d: DistillSpec, losses: dict[str, torch.Tensor]) -> torch.Ten
         "similarity": d.similarity,
     }
     return sum(weights[k] * v for k, v in losses.items())
+
+
+class StudentLoss(nn.Module):
+    """The student, its hidden-state maps and the layer fades: everything that learns, or is
+    ranked, from a gradient, as one module. Its forward is the student's forward (under bf16
+    autocast when asked) and the loss terms against the teacher's outputs, always in fp32 outside
+    autocast: at step 0 the identity student's terms are exactly 0 in either precision. Under
+    torchrun this is the module DDP wraps, so all of these gradients are all-reduced together."""
+
+    def __init__(self, student: nn.Module, maps: HiddenMaps, fade: nn.Parameter, with_logits: bool):
+        super().__init__()
+        self.student, self.maps, self.fade = student, maps, fade
+        self.with_logits = with_logits
+
+    def forward(
+        self,
+        d: DistillSpec,
+        t: EncoderOutput,
+        masks: Masks,
+        batch: Batch,
+        dropout: float = 0.0,
+        bf16: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms; `masks.fade` must be this module's `fade`."""
+        autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with autocast:
+            s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
+                       with_logits=self.with_logits, dropout=dropout)  # fmt: skip
+        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch)

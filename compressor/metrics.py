@@ -11,10 +11,14 @@ from compressor.rundir import METRICS_FILE
 
 class MetricsLog:
     """Appends records; on resume, drops records written after the checkpoint it resumes from
-    (all of them when it starts again from step 0: a run killed before its first checkpoint)."""
+    (all of them when it starts again from step 0: a run killed before its first checkpoint).
+    Not `enabled` (every process but rank 0 of a torchrun): touches nothing, writes nothing."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step == 0:
             self.path.write_text("")
         elif resume_step is not None and self.path.exists():
@@ -22,6 +26,8 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

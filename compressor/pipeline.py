@@ -19,7 +19,13 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from compressor.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoints
+from compressor import distributed
+from compressor.checkpoint import (
+    TrainingState,
+    has_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+)
 from compressor.checks import (
     check_finite_weights,
     check_identity,
@@ -31,7 +37,7 @@ from compressor.data import Corpus
 from compressor.deploy.stages import deploy
 from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
-from compressor.errors import Interrupted, RecipeError, RunDirError
+from compressor.errors import Interrupted, RecipeError, RunDirError, resume_command
 from compressor.forward import encode, mean_pool
 from compressor.gates import check_gates
 from compressor.losses import HiddenMaps, prediction_kl
@@ -93,23 +99,60 @@ def run(
     """Run a recipe end to end in a new run directory. `teacher` overrides the recipe's teacher
     (tests use it for a randomly initialised BERT-base); `stop_after` ends training early; `zoo`
     is where a verified result is registered (unless `register` is false); `overrides` are
-    `section.key=value` changes to the recipe (`compress run --set`)."""
+    `section.key=value` changes to the recipe (`compress run --set`). Under torchrun every
+    process calls it; rank 0 creates the run directory and writes every file."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe = with_overrides(recipe, list(overrides))
     check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
+    check_processes(recipe)
+    with distributed.session(pick_device(recipe.train.device)) as device:
+        main = distributed.is_main()
+        run_dir = distributed.from_main(create_run_dir(recipe, output) if main else None)
+        try:
+            if main:
+                (run_dir / RECIPE_FILE).write_text(
+                    yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+                )
+            return _execute(recipe, run_dir, device, teacher, stop_after, zoo, register)
+        except Interrupted:
+            raise  # the user stopped it: the directory stays, to resume from step 0
+        except BaseException:
+            if main:
+                discard_if_unstarted(run_dir)
+            raise
+
+
+def create_run_dir(recipe: Recipe, output: Path | None) -> Path:
     try:
-        run_dir = new_run_dir(Path(output or recipe.output.dir), recipe.name)
+        return new_run_dir(Path(output or recipe.output.dir), recipe.name)
     except OSError as err:
         raise RunDirError(f"cannot create a run directory under {output or recipe.output.dir}"
                           f" ({err.strerror})") from None  # fmt: skip
-    try:
-        (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        return _execute(recipe, run_dir, teacher, stop_after, zoo, register)
-    except Interrupted:
-        raise  # the user stopped it: the directory stays, to resume from step 0
-    except BaseException:
-        discard_if_unstarted(run_dir)
-        raise
+
+
+def check_processes(recipe: Recipe) -> None:
+    """Each step's micro-batches are shared out evenly, so the global batch is the recipe's on
+    any number of processes: `grad_accum` must be a multiple of their number."""
+    n, accum = distributed.world_size(), recipe.train.grad_accum
+    if accum % n:
+        raise RecipeError(recipe.name, [
+            f"train.grad_accum: {accum} micro-batches a step cannot be shared evenly by {n}"
+            f" processes; use a multiple of {n} (train.batch_size is one micro-batch, so the"
+            " global batch is batch_size x grad_accum whatever the number of processes)"
+        ])  # fmt: skip
+
+
+def check_same_processes(ckpt: TrainingState | None, run_dir: Path) -> None:
+    """A checkpoint resumes with as many processes as wrote it: it holds every process's random
+    state, and each step's micro-batches are shared out by that number."""
+    n = distributed.world_size()
+    if ckpt is None or ckpt.world_size == n:
+        return
+    raise RunDirError(
+        f"{run_dir}: its checkpoint (step {ckpt.step}) was written by {ckpt.world_size}"
+        f" process(es), and this resume has {n}; a run resumes with as many processes as it"
+        f" was trained with (on one machine: {resume_command(run_dir, ckpt.world_size)})"
+    )
 
 
 def discard_if_unstarted(run_dir: Path) -> bool:
@@ -139,28 +182,36 @@ def resume(
             f"{run_dir}: this run already finished (see {SUMMARY_FILE}); if it is not in the"
             f" zoo yet, register it with: compress zoo add {run_dir}"
         )
-    load_checkpoint(run_dir, warn=lambda _: None)  # none left good: say so before loading more
-    return _execute(load_run_recipe(run_dir), run_dir, teacher, stop_after, zoo, register)
+    # none left good, or written by another number of processes: say so before loading more
+    check_same_processes(load_checkpoint(run_dir, warn=lambda _: None), run_dir)
+    recipe = load_run_recipe(run_dir)
+    check_processes(recipe)
+    with distributed.session(pick_device(recipe.train.device)) as device:
+        return _execute(recipe, run_dir, device, teacher, stop_after, zoo, register)
 
 
 def _execute(
     recipe: Recipe,
     run_dir: Path,
+    device: torch.device,
     teacher: Teacher | None,
     stop_after: int | None,
     zoo: Path | None = None,
     register: bool = True,
 ) -> RunResult:
     try:
-        return _stages(recipe, run_dir, teacher, stop_after, zoo, register)
+        return _stages(recipe, run_dir, device, teacher, stop_after, zoo, register)
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one outside the training loop
         signum = int(err.args[0]) if err.args else signal.SIGINT
-        raise Interrupted(run_dir, has_checkpoint(run_dir), signum) from None
+        raise Interrupted(
+            run_dir, has_checkpoint(run_dir), signum, distributed.world_size()
+        ) from None
 
 
 def _stages(
     recipe: Recipe,
     run_dir: Path,
+    device: torch.device,
     teacher: Teacher | None,
     stop_after: int | None,
     zoo: Path | None = None,
@@ -170,20 +221,25 @@ def _stages(
     if tr.threads:
         torch.set_num_threads(tr.threads)
     torch.manual_seed(tr.seed)
-    device = pick_device(tr.device)
-    (run_dir / ENV_FILE).write_text(json.dumps(describe_environment(device), indent=2))
+    main = distributed.is_main()  # the other processes only train
+    if main:
+        environment = describe_environment(device, distributed.world_size())
+        (run_dir / ENV_FILE).write_text(json.dumps(environment, indent=2))
     started = time.time()
 
     teacher = teacher or load_teacher(recipe.teacher)
     teacher.model.to(device)
     student = make_student(teacher, recipe.student.init, tr.seed)
     corpus = Corpus(recipe.data, teacher.tokenizer, tr.seed, tr.batch_size, tr.grad_accum)
-    (run_dir / HELDOUT_FILE).write_text(json.dumps(corpus.heldout_texts))
-    checks = preflight(recipe, teacher, student, corpus, device)
+    if main:
+        (run_dir / HELDOUT_FILE).write_text(json.dumps(corpus.heldout_texts))
+    checks = preflight(recipe, teacher, student, corpus, device) if main else {}
 
     result = distill(recipe, teacher, student, corpus, run_dir, device, stop_after)
     if result.steps_done < tr.steps:
         return RunResult(run_dir, {"stopped_at": result.steps_done})
+    if not main:
+        return RunResult(run_dir, {"rank": distributed.rank(), "steps": result.steps_done})
 
     check_finite_weights(student, "the trained student")
     plan = PrunePlan.from_masks(result.masks.to("cpu"), teacher.shape)

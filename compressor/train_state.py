@@ -10,6 +10,7 @@ bit for bit. Stored is only what the rest of the run can read:
 - the importance EMA only while a pruning step remains (after the last one nothing reads it).
   Until then it is kept whole, pruned entries included: they still add to the scores of the
   hidden dims they cross;
+- every process's random generators (the CPU's, and the GPU's on CUDA);
 - never the teacher.
 """
 
@@ -133,3 +134,17 @@ def unpack_importance(
         return fresh
     ema = {k: {n: unpack_delta(v) for n, v in packed[k].items()} for k in ("i_bar", "u_bar")}
     return EmaState.from_dict({**ema, "steps": packed["steps"]}, device)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU's, and the GPU's when training on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -62,8 +62,10 @@ def run_cmd(
     no_register: bool,
     overrides: tuple[str, ...],
 ) -> None:
-    """Distill + prune RECIPE's teacher into its target shape and write a slim model."""
-    from compressor import pipeline
+    """Distill + prune RECIPE's teacher into its target shape and write a slim model.
+
+    Several processes (DDP): torchrun --nproc_per_node=N -m compressor run RECIPE"""
+    from compressor import distributed, pipeline
 
     if (recipe is None) == (resume_dir is None):
         raise click.UsageError("give a RECIPE, or --resume RUN_DIR (not both)")
@@ -74,6 +76,8 @@ def run_cmd(
         result = pipeline.resume(resume_dir, zoo=zoo, register=register)
     else:
         result = pipeline.run(recipe, output, zoo=zoo, register=register, overrides=overrides)
+    if not distributed.is_main():
+        return  # rank 0 reports for every process
     click.echo(json.dumps(result.summary, indent=2))
     click.echo(f"run directory: {result.run_dir}")
     if "zoo_id" in result.summary:
