@@ -17,12 +17,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compressor.errors import CheckFailed
+
 
 def onnx_signature(path: Path) -> dict[str, Any]:
-    """Opset and input/output ports of the ONNX file at `path` (weights are not read)."""
+    """Opset and input/output ports of the ONNX file at `path` (weights are not read). A file
+    that does not parse as ONNX raises CheckFailed naming it."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as err:
+        raise CheckFailed(f"{path}: not a readable ONNX file ({err})") from err
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     return {
         "opset_version": opsets.get("ai.onnx"),
