@@ -8,6 +8,7 @@ light on purpose (no torch, no pydantic): `compress zoo list` and `--help` impor
       metrics.jsonl  checkpoint.pt  checkpoint.prev.pt during training
       plan.json  model/  summary.json  discrepancy.png after training
       onnx/  verify.json  benchmark.json               deployment stages
+      model/onnx/model.onnx                            (sentence encoders) the pooled graph
       evaluations.json                                 downstream evaluations (compress eval)
 
 A zoo entry holds the same files plus manifest.json and README.md (the model card).
@@ -48,6 +49,11 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 SAMPLES_FILE = "samples.safetensors"
 EXPORT_REPORT = "export.json"
+# inside model/: the sentence-transformers graph of a sentence encoder (deploy/sentence.py), where
+# SentenceTransformer(model_dir, backend="onnx") looks for it
+SENTENCE_ONNX_FILE = f"{ONNX_DIR}/{ONNX_FILE}"
+ST_MODULES_FILE = "modules.json"  # inside model/: present when the teacher is a sentence encoder
+SENTENCE_ONNX = f"{MODEL_DIR}/{SENTENCE_ONNX_FILE}"
 
 # zoo entries and the zoo
 MANIFEST_FILE = "manifest.json"

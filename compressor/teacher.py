@@ -15,6 +15,7 @@ from compressor.bert_params import mlm_head
 from compressor.errors import TeacherError
 from compressor.packages import package_dir
 from compressor.recipe import TeacherSpec, cut
+from compressor.rundir import ST_MODULES_FILE
 from compressor.shapes import Shape, Vocab, config_has_mlm_head
 
 if TYPE_CHECKING:
@@ -235,10 +236,10 @@ def teacher_name(spec: TeacherSpec, config: dict[str, Any]) -> str:
 
 def sentence_transformers_files(source_dir: Path | None) -> dict[str, Any]:
     """The sentence-transformers files next to the weights, if the teacher has them."""
-    if source_dir is None or not (source_dir / "modules.json").exists():
+    if source_dir is None or not (source_dir / ST_MODULES_FILE).exists():
         return {}
     out = {}
-    for rel in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+    for rel in (ST_MODULES_FILE, "sentence_bert_config.json", "config_sentence_transformers.json"):
         f = source_dir / rel
         if f.exists():
             out[rel] = json.loads(f.read_text())

@@ -181,3 +181,29 @@ def test_torch_onnx_fallback_when_optimum_fails(tmp_path, packaged_tokenizer, mo
     assert report["exporter"].startswith("torch.onnx (optimum failed: RuntimeError")
     r = verify_export(onnx_dir, ONNX_FILE, TOL)
     assert r.passed, r.failures
+
+
+def test_an_mlm_export_prints_no_warnings(tmp_path):
+    """A masked-LM model's export in a fresh process: optimum deduplicates the tied decoder and
+    word embeddings (accelerate is installed) and nothing is printed about it or anything else."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "from pathlib import Path\n"
+        "import onnx\n"
+        "from tests.conftest import tiny_bert\n"
+        "from compressor.deploy.export import export_onnx\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "tiny_bert(mlm=True).save_pretrained(d / 'model')\n"
+        "export_onnx(d / 'model', d / 'onnx')\n"
+        "g = onnx.load(d / 'onnx' / 'model.onnx').graph\n"
+        "print('tied', sum(list(t.dims) == [120, 32] for t in g.initializer))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "tied 1"  # one vocab x hidden table: deduplicated
+    assert res.stderr.strip() == "", res.stderr

@@ -127,13 +127,22 @@ def test_entry_layout_manifest_and_card(entry, root, run_dir):
         "onnx/tokenizer.json",
         "model/model.safetensors",
         "model/config.json",
+        "model/modules.json",
+        "model/onnx/model.onnx",
     } <= set(files)
     assert files["onnx/model.onnx"]["bytes"] == (run_dir / "onnx" / "model.onnx").stat().st_size
     assert all((d / p).stat().st_mode & 0o222 == 0 for p in files)  # sealed: read-only
     assert json.loads((d / "evaluations.json").read_text()) == {"evaluations": []}
-    meta = front_matter((d / "README.md").read_text())
-    assert meta["base_model"] == "all-minilm-l6-v2" and meta["library_name"] == "transformers"
-    assert meta["tags"] == ["homodistil", "distillation", "pruning", "onnx"]
+    card = (d / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == "all-minilm-l6-v2"
+    assert meta["library_name"] == "sentence-transformers"  # the teacher is a sentence encoder
+    assert meta["pipeline_tag"] == "sentence-similarity"
+    assert meta["tags"] == [
+        "homodistil", "distillation", "pruning", "onnx",
+        "sentence-transformers", "feature-extraction", "sentence-similarity",
+    ]  # fmt: skip
+    assert 'SentenceTransformer("ST_DIR", backend="onnx")' in card
     metric = meta["model-index"][0]["results"][0]["metrics"][0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert metric["type"] == "discrepancy" and metric["value"] == summary["discrepancy"]["final"]
@@ -246,7 +255,106 @@ def test_entry_dir_refuses_paths_outside_the_zoo(root):
             zoo.entry_dir(root, bad)
 
 
+def test_manifest_records_each_onnx_files_opset_and_io_ports(entry, root):
+    """As the ONNX Model Hub's manifest does: per ONNX file, the opset and every input and output
+    (name, dtype, shape with dynamic axes), read back here with onnx.load and onnxruntime."""
+    import onnx
+    from onnx import helper
+
+    from compressor.deploy.runtime import ort_session
+
+    d = zoo.entry_dir(root, entry)
+    manifest = json.loads((d / MANIFEST).read_text())
+    onnx_files = sorted(p for p in manifest["files"] if p.endswith(".onnx"))
+    assert onnx_files == ["model/onnx/model.onnx", "onnx/model.onnx"]
+    assert sorted(manifest["onnx"]) == onnx_files
+    for rel in onnx_files:
+        sig, model = manifest["onnx"][rel], onnx.load(d / rel)
+        opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+        assert sig["opset_version"] == opsets["ai.onnx"] and sig["opset_import"] == opsets
+        assert sig["ir_version"] == model.ir_version
+        sess = ort_session(d / rel)
+        for ports, values, ort_ports in (
+            (sig["io_ports"]["inputs"], model.graph.input, sess.get_inputs()),
+            (sig["io_ports"]["outputs"], model.graph.output, sess.get_outputs()),
+        ):
+            assert [p["name"] for p in ports] == [v.name for v in values]
+            assert [p["name"] for p in ports] == [p.name for p in ort_ports]
+            assert [p["type"] for p in ports] == [p.type for p in ort_ports]  # 'tensor(int64)'
+            for port, value in zip(ports, values, strict=True):
+                t = value.type.tensor_type
+                dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+                assert port["type"] == f"tensor({'float' if dtype == 'float32' else dtype})"
+                dims = [x.dim_param if x.dim_param else x.dim_value for x in t.shape.dim]
+                assert port["shape"] == dims
+                assert port["dynamic_axes"] == {
+                    str(i): x.dim_param for i, x in enumerate(t.shape.dim) if x.dim_param
+                }
+    inputs = manifest["onnx"]["onnx/model.onnx"]["io_ports"]["inputs"]
+    assert inputs[0] == {
+        "name": "input_ids",
+        "type": "tensor(int64)",
+        "shape": ["batch_size", "sequence_length"],
+        "dynamic_axes": {"0": "batch_size", "1": "sequence_length"},
+    }
+    outputs = manifest["onnx"]["model/onnx/model.onnx"]["io_ports"]["outputs"]
+    assert [(o["name"], o["shape"]) for o in outputs] == [
+        ("last_hidden_state", ["batch_size", "sequence_length", 128]),
+        ("token_embeddings", ["batch_size", "sequence_length", 128]),
+        ("sentence_embedding", ["batch_size", 128]),
+    ]
+
+
+def test_card_library_and_pipeline_by_model_kind(run_dir):
+    from compressor.zoo.card import model_card
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for task, sentence, want in [
+        ("feature-extraction", True, ("sentence-transformers", "sentence-similarity")),
+        ("fill-mask", False, ("transformers", "fill-mask")),
+        ("feature-extraction", False, ("transformers", "feature-extraction")),
+    ]:
+        card = model_card("t/homodistil/s/0123456789", summary, [], None, task, "now", sentence)
+        meta = front_matter(card)
+        assert (meta["library_name"], meta["pipeline_tag"]) == want
+
+
 # ---------------------------------------------------------------------------- export
+
+
+def test_sentence_transformers_bundle_loads_offline_with_both_backends(entry, root, tmp_path):
+    """`zoo export --format sentence-transformers`: a sentence-transformers model directory whose
+    onnx/model.onnx is the pooled graph; both backends load it offline and encode alike."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    dest = tmp_path / "st"
+    res = cli("export", entry, str(dest), "--format", "sentence-transformers", "--zoo", str(root))
+    assert res.exit_code == 0, res.output
+    files = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert {"modules.json", "1_Pooling/config.json", "model.safetensors", "tokenizer.json",
+            "onnx/model.onnx", "README.md", "verify.json", "manifest.json"} <= files  # fmt: skip
+    assert [f for f in files if f.endswith(".onnx")] == ["onnx/model.onnx"]
+    manifest = json.loads((dest / "manifest.json").read_text())
+    outputs = manifest["onnx"]["onnx/model.onnx"]["io_ports"]["outputs"]
+    assert [o["name"] for o in outputs][-1] == "sentence_embedding"
+    texts = ["The cat sat on the mat.", "Rain.", "A much longer sentence about the weather."]
+    on_onnx = SentenceTransformer(str(dest), backend="onnx", local_files_only=True)
+    on_torch = SentenceTransformer(str(dest), local_files_only=True)
+    got, want = on_onnx.encode(texts), on_torch.encode(texts)
+    assert np.all(np.abs(got - want) <= 1e-4 + 1e-4 * np.abs(want)), np.abs(got - want).max()
+
+
+def test_sentence_transformers_bundle_of_an_entry_without_the_graph_exits_2(
+    run_dir, root, tmp_path
+):
+    copy = variant(run_dir, tmp_path / "no-graph", "no-graph")
+    (copy / "model" / "onnx" / "model.onnx").unlink()
+    entry_id = zoo.register(copy, root)
+    res = cli("export", entry_id, str(tmp_path / "st"), "--format", "sentence-transformers",
+              "--zoo", str(root))  # fmt: skip
+    assert res.exit_code == 2 and "has no sentence-transformers graph" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "st").exists()
 
 
 def test_exported_bundle_loads_with_ort_and_matches_the_hf_model(entry, root, tmp_path):

@@ -85,12 +85,21 @@ def rm_cmd(entry_id: str, zoo_dir: Path | None) -> None:
 @zoo_group.command("export")
 @click.argument("entry_id")
 @click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "layout",
+    type=click.Choice(zoo.BUNDLE_FORMATS),
+    default="onnx",
+    show_default=True,
+    help="onnx: loads with ORTModelForFeatureExtraction; sentence-transformers (sentence"
+    ' encoders): loads with SentenceTransformer(DEST) and SentenceTransformer(DEST, backend="onnx").',
+)
 @zoo_option
-def export_cmd(entry_id: str, dest: Path, zoo_dir: Path | None) -> None:
+def export_cmd(entry_id: str, dest: Path, layout: str, zoo_dir: Path | None) -> None:
     """Copy the deployable bundle (ONNX model, tokenizer, config, model card, verification report,
-    benchmark) to a new or empty DEST; loads with ORTModelForFeatureExtraction."""
-    out = zoo.export_bundle(zoo.zoo_root(zoo_dir), entry_id, dest)
-    click.echo(f"exported {entry_id} to {out}")
+    benchmark) to a new or empty DEST."""
+    out = zoo.export_bundle(zoo.zoo_root(zoo_dir), entry_id, dest, layout)
+    click.echo(f"exported {entry_id} ({layout}) to {out}")
 
 
 @zoo_group.command("compare")

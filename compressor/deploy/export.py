@@ -2,13 +2,19 @@
 
 optimum's exporter (optimum-onnx, `library_name="transformers"`) is the main path; when it fails,
 `torch.onnx.export` is the fallback and the report says which one ran. The export directory is
-loadable as-is by optimum's ORTModelForFeatureExtraction / ORTModelForMaskedLM.
+loadable as-is by optimum's ORTModelForFeatureExtraction / ORTModelForMaskedLM. A sentence encoder
+(sentence-transformers module files in the model directory) also gets its pooled graph in
+`model_dir/onnx/model.onnx` (deploy/sentence.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +22,21 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
+from compressor.deploy.sentence import (
+    SENTENCE_OUTPUT,
+    is_sentence_encoder,
+    sentence_references,
+    sentence_spec,
+    write_sentence_graph,
+)
 from compressor.errors import CheckFailed
-from compressor.rundir import EXPORT_REPORT, INT8_FILE, ONNX_FILE, SAMPLES_FILE
+from compressor.rundir import (
+    EXPORT_REPORT,
+    INT8_FILE,
+    ONNX_FILE,
+    SAMPLES_FILE,
+    SENTENCE_ONNX_FILE,
+)
 from compressor.shapes import config_has_mlm_head
 
 
@@ -42,12 +61,14 @@ def export_onnx(
     try:
         from optimum.exporters.onnx import main_export
 
-        main_export(str(model_dir), output=out_dir, task=task, library_name="transformers",
-                    do_validation=False, device="cpu")  # fmt: skip
+        with _known_export_warnings_silenced():
+            main_export(str(model_dir), output=out_dir, task=task, library_name="transformers",
+                        do_validation=False, device="cpu")  # fmt: skip
         exporter = "optimum"
     except Exception as err:
         exporter = f"torch.onnx (optimum failed: {type(err).__name__}: {err})"
-        _torch_export(model_dir, out_dir, task)
+        with _known_export_warnings_silenced():
+            _torch_export(model_dir, out_dir, task)
     if not (out_dir / ONNX_FILE).exists():
         raise CheckFailed(f"export: no {ONNX_FILE} was written to {out_dir}")
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -56,11 +77,78 @@ def export_onnx(
     report: dict[str, Any] = {"exporter": exporter, "task": task, "files": [ONNX_FILE]}
     if optimize:
         report["fused_ops"] = fuse_bert(out_dir / ONNX_FILE, AutoConfig.from_pretrained(model_dir))
+    report["sentence_graph"] = export_sentence_graph(model_dir, out_dir / ONNX_FILE, task)
     if int8:
         quantize_int8(out_dir / ONNX_FILE, out_dir / INT8_FILE)
         report["files"].append(INT8_FILE)
     (out_dir / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def export_sentence_graph(model_dir: Path, token_onnx: Path, task: str) -> dict[str, Any] | None:
+    """The pooled graph of a sentence encoder, in `model_dir/onnx/model.onnx` (a stale one is
+    removed first). None for other models; {"skipped": why} when its modules cannot be written as
+    a graph (the token graph is exported and checked all the same)."""
+    out = model_dir / SENTENCE_ONNX_FILE
+    out.unlink(missing_ok=True)
+    if task != "feature-extraction" or not is_sentence_encoder(model_dir):
+        return None
+    try:
+        spec = sentence_spec(model_dir)
+    except CheckFailed as err:
+        return {"skipped": str(err)}
+    write_sentence_graph(token_onnx, out, spec)
+    return {"file": SENTENCE_ONNX_FILE, "pooling": spec.pooling, "normalize": spec.normalize}
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains `text` (or starts with one of `prefixes`)."""
+
+    def __init__(self, text: str, prefixes: tuple[str, ...] = ()):
+        super().__init__()
+        self.text, self.prefixes = text, prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return self.text not in message and not message.startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _known_export_warnings_silenced() -> Iterator[None]:
+    """The warnings every export prints, all harmless here:
+    - transformers 4.57 renamed `torch_dtype` to `dtype`; optimum-onnx 0.1.0 (the newest that
+      allows transformers 4.x) still passes `torch_dtype=float32` to from_pretrained;
+    - the tracer notes that `torch.tensor(1.0)` in transformers' attention-mask inversion becomes
+      a constant of the graph: it is the constant 1.0 on every call, so the trace is right (and
+      the verification checks every output on padded inputs anyway);
+    - torch 2.13 deprecates the TorchScript-based exporter that optimum-onnx 0.1.0 (and our
+      fallback, for the same graphs) uses (DeprecationWarnings, shown under pytest);
+    - with an MLM head, optimum's tied-weight deduplication announces that the decoder's
+      initializer differs from the word embeddings' (it is their transpose, as always for BERT)
+      and then deduplicates them: the announcement and its listing lines (tab-indented) go; its
+      "Could not find unique initializers" (deduplication skipped) stays visible.
+    Only these messages are dropped, only during the export."""
+    log = logging.getLogger("transformers.configuration_utils")
+    drop = _DropMessage("`torch_dtype` is deprecated! Use `dtype` instead!")
+    tied_log = logging.getLogger("optimum")
+    tied = _DropMessage("Found different candidate ONNX initializers (likely duplicate)", ("\t",))
+    log.addFilter(drop)
+    tied_log.addFilter(tied)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message="torch.tensor results are registered as constants in the trace",
+                category=torch.jit.TracerWarning,
+                module="transformers.modeling_attn_mask_utils",
+            )
+            for text in ("You are using the legacy TorchScript-based ONNX export",
+                         "The feature will be removed. Please remove usage of this function"):  # fmt: skip
+                warnings.filterwarnings("ignore", message=text, category=DeprecationWarning)
+            yield
+    finally:
+        log.removeFilter(drop)
+        tied_log.removeFilter(tied)
 
 
 def _torch_export(model_dir: Path, out_dir: Path, task: str) -> None:
@@ -137,16 +225,24 @@ def save_samples(
     export_dir: Path, model_dir: Path, texts: list[str], batch_sizes, seq_lengths
 ) -> Path:
     """Sample inputs and PyTorch reference outputs, saved beside the ONNX model (safetensors:
-    the check re-runs later without PyTorch weights, and nothing is unpickled)."""
+    the check re-runs later without PyTorch weights, and nothing is unpickled). When the model
+    directory holds a sentence-transformers graph, sentence-transformers' own sentence embedding
+    of every sample is stored too (`sentence_embedding`)."""
     task = task_of(model_dir)
     model = load_reference(model_dir, task)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    samples = sample_inputs(tok, texts, batch_sizes, seq_lengths)
+    sentence = {}
+    if (model_dir / SENTENCE_ONNX_FILE).exists():
+        sentence = sentence_references(model_dir, samples)
     flat: dict[str, torch.Tensor] = {}
-    for key, inputs in sample_inputs(tok, texts, batch_sizes, seq_lengths).items():
+    for key, inputs in samples.items():
         for name, t in inputs.items():
             flat[f"{key}.input.{name}"] = t.contiguous()
         for name, t in reference_outputs(model, inputs).items():
             flat[f"{key}.output.{name}"] = t.contiguous()
+        if key in sentence:
+            flat[f"{key}.output.{SENTENCE_OUTPUT}"] = sentence[key].contiguous()
     path = export_dir / SAMPLES_FILE
     save_file(flat, path)
     return path

@@ -14,6 +14,7 @@ from typing import Any
 from compressor.cache import cache_root
 from compressor.deploy.bench import benchmark, write_benchmark
 from compressor.deploy.export import export_onnx, quantize_int8, save_samples
+from compressor.deploy.sentence import GRAPH_REFERENCES
 from compressor.deploy.verify import Tolerance, verify_export, write_and_gate
 from compressor.recipe import Recipe, load_run_recipe
 from compressor.rundir import (
@@ -23,6 +24,7 @@ from compressor.rundir import (
     MODEL_DIR,
     ONNX_DIR,
     ONNX_FILE,
+    SENTENCE_ONNX,
     VERIFY_FILE,
     read_summary,
     write_summary,
@@ -70,9 +72,13 @@ def verify_again(run_dir: Path, write: bool = True) -> dict[str, Any]:
 
 
 def verify_onnx(recipe: Recipe, run_dir: Path, write: bool) -> dict[str, Any]:
-    """Verify model.onnx (and model_int8.onnx when present) against the stored samples."""
+    """Verify model.onnx (and model_int8.onnx, and the sentence-transformers graph
+    model/onnx/model.onnx, when present) against the stored samples."""
     e, onnx_dir = recipe.export, run_dir / ONNX_DIR
-    reports = [verify_export(onnx_dir, ONNX_FILE, Tolerance(e.atol, e.rtol, e.min_agreement))]
+    fp32 = Tolerance(e.atol, e.rtol, e.min_agreement)
+    reports = [verify_export(onnx_dir, ONNX_FILE, fp32)]
+    if (run_dir / SENTENCE_ONNX).exists():
+        reports.append(verify_export(run_dir, SENTENCE_ONNX, fp32, GRAPH_REFERENCES, onnx_dir))
     if (onnx_dir / INT8_FILE).exists():
         tol = Tolerance(e.int8_atol, e.int8_rtol, e.int8_min_agreement)
         reports.append(verify_export(onnx_dir, INT8_FILE, tol))

@@ -2,7 +2,12 @@
 
 Order of checks, as optimum does it: output names, then shapes, then values (per-output atol +
 rtol * |reference|), then task-level agreement (mean-pooled embedding cosine for encoders, top-1
-agreement for MLM heads). `verify.json` is written whether it passes or fails.
+agreement for MLM heads, sentence-embedding cosine for the sentence-transformers graph).
+`verify.json` is written whether it passes or fails.
+
+Each graph is checked against the references it must reproduce (`outputs`: graph output ->
+stored reference): the token graph against every stored reference but the sentence embedding,
+the sentence-transformers graph against deploy/sentence.py's GRAPH_REFERENCES.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from compressor.deploy.runtime import ort_session
+from compressor.deploy.sentence import SENTENCE_OUTPUT
 from compressor.errors import CheckFailed
 from compressor.rundir import SAMPLES_FILE
 
@@ -48,17 +54,31 @@ def load_samples(export_dir: Path) -> dict[str, dict[str, dict[str, np.ndarray]]
     return out
 
 
-def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyReport:
-    """Run every stored sample through onnxruntime and compare with the PyTorch reference."""
+def verify_export(
+    export_dir: Path,
+    onnx_file: str,
+    tol: Tolerance,
+    outputs: dict[str, str] | None = None,
+    samples_dir: Path | None = None,
+) -> VerifyReport:
+    """Run every stored sample (from `samples_dir`, default `export_dir`) through onnxruntime and
+    compare each graph output named in `outputs` with its stored PyTorch reference (default: every
+    reference but the sentence embedding, each under its own name)."""
     report = VerifyReport(model=onnx_file)
     sess = ort_session(export_dir / onnx_file)
     feed_names = {i.name for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     agreements: list[float] = []
-    for key, sample in sorted(load_samples(export_dir).items()):
+    primary = "logits" if "logits" in out_names else primary_output(outputs or {})
+    for key, sample in sorted(load_samples(samples_dir or export_dir).items()):
         feed = {k: v.astype(np.int64) for k, v in sample["input"].items() if k in feed_names}
         got = dict(zip(out_names, sess.run(None, feed), strict=True))
-        for name, ref in sample["output"].items():
+        wanted = outputs or {n: n for n in sample["output"] if n != SENTENCE_OUTPUT}
+        for name, ref_name in wanted.items():
+            ref = sample["output"].get(ref_name)
+            if ref is None:
+                report.fail(f"{onnx_file} [{key}]: no stored reference '{ref_name}' for '{name}'")
+                continue
             if name not in got:
                 report.fail(f"{onnx_file} [{key}]: output '{name}' missing (has {out_names})")
                 continue
@@ -79,21 +99,41 @@ def verify_export(export_dir: Path, onnx_file: str, tol: Tolerance) -> VerifyRep
                     f" {diff.max():.3g} (atol {tol.atol}, rtol {tol.rtol})"
                 )
             report.checks.append(check)
-            agreements.append(agreement(name, out, ref, sample["input"]["attention_mask"]))
+            if name == primary:
+                agreements.append(agreement(name, out, ref, sample["input"]["attention_mask"]))
     mean_agreement = float(np.mean(agreements)) if agreements else 0.0
-    kind = "top1_agreement" if "logits" in out_names else "embedding_cosine"
+    kind = AGREEMENT_KINDS[primary]
     report.checks.append({kind: mean_agreement, "min": tol.min_agreement})
     if not mean_agreement >= tol.min_agreement:
         report.fail(f"{onnx_file}: {kind} {mean_agreement:.5f} is below {tol.min_agreement}")
     return report
 
 
+AGREEMENT_KINDS = {
+    "logits": "top1_agreement",
+    SENTENCE_OUTPUT: "sentence_embedding_cosine",
+    "last_hidden_state": "embedding_cosine",
+}
+
+
+def primary_output(outputs: dict[str, str]) -> str:
+    """The output the task-level agreement is measured on: the sentence embedding where the
+    graph has one, else the logits, else the token states."""
+    for name in (SENTENCE_OUTPUT, "logits"):
+        if name in outputs:
+            return name
+    return "last_hidden_state"
+
+
 def agreement(name: str, out: np.ndarray, ref: np.ndarray, attention_mask: np.ndarray) -> float:
     real = attention_mask.astype(bool)
     if name == "logits":
         return float((out.argmax(-1) == ref.argmax(-1))[real].mean())
-    m = attention_mask[..., None].astype(np.float32)
-    a, b = (out * m).sum(1) / m.sum(1), (ref * m).sum(1) / m.sum(1)
+    if name == SENTENCE_OUTPUT:
+        a, b = out, ref
+    else:
+        m = attention_mask[..., None].astype(np.float32)
+        a, b = (out * m).sum(1) / m.sum(1), (ref * m).sum(1) / m.sum(1)
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     return float(cos.mean())
 

@@ -1,5 +1,11 @@
 """The model card of a zoo entry: README.md with Hugging Face model-card front matter (base model,
-tags, model-index metrics) and a short human summary. A pure function of the entry's data."""
+library_name, pipeline_tag, tags, model-index metrics) and a short human summary. A pure function
+of the entry's data.
+
+library_name / pipeline_tag say how the Hub (and a reader) should load the model: a sentence
+encoder (its teacher had sentence-transformers modules) is `sentence-transformers` /
+`sentence-similarity`; a masked-LM model is `transformers` / `fill-mask`; any other encoder is
+`transformers` / `feature-extraction`."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from compressor.deploy.bench import fp32_speedup
 from compressor.rundir import ONNX_FILE
 
 TAGS = ["homodistil", "distillation", "pruning", "onnx"]
+SENTENCE_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity"]
 DISCREPANCY = {
     "feature-extraction": "1 - Spearman of pairwise cosine similarities of sentence embeddings",
     "fill-mask": "KL divergence of masked-LM predictions, teacher vs student",
@@ -56,6 +63,12 @@ def model_index(
     return [{"name": entry_id, "results": results}]
 
 
+def library_and_pipeline(task: str, sentence_encoder: bool) -> tuple[str, str]:
+    if sentence_encoder and task != "fill-mask":
+        return "sentence-transformers", "sentence-similarity"
+    return "transformers", task
+
+
 def model_card(
     entry_id: str,
     summary: dict[str, Any],
@@ -63,12 +76,14 @@ def model_card(
     bench: dict[str, Any] | None,
     task: str,
     created: str,
+    sentence_encoder: bool = False,
 ) -> str:
+    library, pipeline = library_and_pipeline(task, sentence_encoder)
     front = {
         "base_model": summary["teacher"],
-        "library_name": "transformers",
-        "pipeline_tag": task,
-        "tags": TAGS,
+        "library_name": library,
+        "pipeline_tag": pipeline,
+        "tags": TAGS + (SENTENCE_TAGS if library == "sentence-transformers" else []),
         "model-index": model_index(entry_id, task, evaluations, summary),
     }
     s, t = summary["student_shape"], summary["teacher_shape"]
@@ -118,10 +133,21 @@ def model_card(
         lines.append(
             f"| ONNX vs PyTorch max abs diff (verified) | | {verify.get('max_abs_diff', 0):.2g} |"
         )
+    lines += ["", "## Use", ""]
+    if library == "sentence-transformers":
+        lines += [
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "# compress zoo export ID ST_DIR --format sentence-transformers",
+            'model = SentenceTransformer("ST_DIR", backend="onnx")  # or backend="torch"',
+            'embeddings = model.encode(["A sentence to embed."])',
+            "```",
+            "",
+            "Or onnxruntime alone: `ST_DIR/onnx/model.onnx` outputs `sentence_embedding` (pooled",
+            "and normalised as the teacher's modules do) beside `token_embeddings`.",
+            "",
+        ]
     lines += [
-        "",
-        "## Use",
-        "",
         "```python",
         f"from optimum.onnxruntime import {ort_class}",
         f'model = {ort_class}.from_pretrained("BUNDLE_DIR")  # compress zoo export ID BUNDLE_DIR',

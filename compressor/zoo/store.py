@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from compressor.deploy.signature import onnx_signature
 from compressor.errors import CheckFailed, RunDirError, ZooError
 from compressor.rundir import (
     BENCH_FILE,
@@ -46,11 +47,14 @@ from compressor.rundir import (
     EVALS_FILE,
     EXPORT_REPORT,
     MANIFEST_FILE,
+    MODEL_DIR,
     ONNX_DIR,
     ONNX_MODEL,
     OPTIONAL_RUN_FILES,
     RECIPE_FILE,
     RUN_FILES,
+    SENTENCE_ONNX,
+    ST_MODULES_FILE,
     SUMMARY_FILE,
     VERIFY_FILE,
     evals_path,
@@ -74,6 +78,8 @@ from compressor.zoo.entry import (
 ZOO_ENV, DEFAULT_ROOT = "COMPRESS_ZOO", "zoo"
 ENTRIES, STAGING = "entries", ".staging"
 BUNDLE_EXTRAS = (CARD_FILE, VERIFY_FILE, BENCH_FILE)
+BUNDLE_FORMATS = ("onnx", "sentence-transformers")
+ONNX_KEY = "onnx"  # manifest: {path: opset and io ports} of every ONNX file (deploy/signature.py)
 
 
 # ---------------------------------------------------------------------------- locations and ids
@@ -258,9 +264,16 @@ def _finish_entry(staging: Path, entry_id: str, created: str, source: str) -> No
         "source_run": source,
         "files": files,
         REGISTERED_KEY: {evals: files[evals]["sha256"]},
+        ONNX_KEY: onnx_signatures(staging, files),
     }
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     _seal(staging)
+
+
+def onnx_signatures(d: Path, files: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """{path: opset and inputs/outputs} of every ONNX file listed in `files` (as the ONNX Model
+    Hub's manifest records them)."""
+    return {rel: onnx_signature(d / rel) for rel in files if rel.endswith(".onnx")}
 
 
 def _card(d: Path, entry_id: str, created: str, evaluations: list[dict]) -> str:
@@ -272,6 +285,7 @@ def _card(d: Path, entry_id: str, created: str, evaluations: list[dict]) -> str:
         read_json(d / BENCH_FILE),
         task,
         created,
+        sentence_encoder=(d / MODEL_DIR / ST_MODULES_FILE).is_file(),
     )
 
 
@@ -486,14 +500,32 @@ def _prune_empty_parents(path: Path, stop: Path) -> None:
             break
 
 
-def export_bundle(root: Path, text: str, dest: Path) -> Path:
-    """Copy the deployable bundle (onnx/ contents, model card, verify.json, benchmark.json) to a
-    new or empty DEST, checking every copied file against its recorded sha256."""
+def export_bundle(root: Path, text: str, dest: Path, layout: str = "onnx") -> Path:
+    """Copy a deployable bundle to a new or empty DEST, checking every copied file against its
+    recorded sha256, with a manifest of the files and of each ONNX file's opset and io ports.
+
+    `onnx`: the onnx/ contents (loads with ORTModelForFeatureExtraction / ORTModelForMaskedLM);
+    `sentence-transformers`: the model/ contents of a sentence encoder, whose onnx/model.onnx is
+    the pooled graph (loads with SentenceTransformer(DEST) and SentenceTransformer(DEST,
+    backend="onnx")). Both add the model card, verify.json and benchmark.json."""
+    if layout not in BUNDLE_FORMATS:
+        raise ZooError(f"unknown bundle format {layout!r}; one of {', '.join(BUNDLE_FORMATS)}")
     row, dest = get_entry(root, text), Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ZooError(f"{dest}: exists and is not empty; give a new or empty directory")
     recorded = row["files"]
-    plan = {p.removeprefix("onnx/"): p for p in recorded if p.startswith("onnx/")}
+    if layout == "sentence-transformers":
+        if SENTENCE_ONNX not in recorded:
+            raise ZooError(
+                f"{row['id']}: has no sentence-transformers graph ({SENTENCE_ONNX}): its teacher"
+                " is not a sentence encoder, or it was exported before the graph existed"
+                " (re-export the run with `compress export --onnx RUN_DIR`, then register it);"
+                f" `compress zoo export {row['id']} DEST` writes the ONNX bundle"
+            )
+        prefix = f"{MODEL_DIR}/"
+    else:
+        prefix = f"{ONNX_DIR}/"
+    plan = {p.removeprefix(prefix): p for p in recorded if p.startswith(prefix)}
     plan |= {p: p for p in BUNDLE_EXTRAS if p in recorded}
     src = entry_dir(root, row["id"])
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -507,7 +539,11 @@ def export_bundle(root: Path, text: str, dest: Path) -> Path:
                 raise CheckFailed(
                     f"{rel}: modified since registration; not exported (compress zoo verify {row['id']})"
                 )
-        write_json_atomic(tmp / MANIFEST_FILE, {"id": row["id"], "files": file_table(tmp)})
+        files = file_table(tmp)
+        write_json_atomic(
+            tmp / MANIFEST_FILE,
+            {"id": row["id"], "files": files, ONNX_KEY: onnx_signatures(tmp, files)},
+        )
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)

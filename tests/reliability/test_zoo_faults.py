@@ -50,13 +50,24 @@ EVALUATION = {
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def tiny_onnx(salt: str) -> bytes:
+    """A real (Identity) ONNX graph: the manifest reads every ONNX file's opset and io ports."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", 8])
+    y = helper.make_tensor_value_info("last_hidden_state", TensorProto.INT64, ["batch_size", 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["last_hidden_state"])],
+                              f"synthetic-{salt}", [x], [y])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 def synthetic_run(dest: Path, salt: str) -> Path:
     """A finished, verified run directory as far as the zoo can tell (no real model)."""
     (dest / MODEL_DIR).mkdir(parents=True)
     (dest / "onnx").mkdir()
     (dest / WEIGHTS).write_bytes(os.urandom(4096) + salt.encode())
     (dest / MODEL_DIR / "config.json").write_text("{}")
-    (dest / ONNX_MODEL).write_bytes(b"onnx " + salt.encode())
+    (dest / ONNX_MODEL).write_bytes(tiny_onnx(salt))
     shutil.copyfile(RECIPES / "tiny-test.yaml", dest / RECIPE_FILE)
     shape = {"layers": 2, "hidden": 128, "heads": 4, "head_dim": 32, "ffn": 256}
     summary = {
@@ -189,6 +200,17 @@ def test_registering_into_a_zoo_whose_index_was_deleted_refuses(two, root, tmp_p
     zoo.reindex(root)
     third = zoo.register(new, root)
     assert ids(root) == sorted([*two, third]) and all_verify(root)
+
+
+def test_a_run_whose_onnx_file_does_not_parse_is_not_registered(two, root, tmp_path):
+    """The manifest reads each ONNX file's opset and io ports: a file that is not ONNX is named
+    (exit 3 from the CLI), and nothing is registered or left in staging."""
+    bad = synthetic_run(tmp_path / "bad", "bad")
+    (bad / ONNX_MODEL).write_bytes(b"not onnx at all")
+    res = CliRunner().invoke(main, ["zoo", "add", str(bad), "--zoo", str(root)])
+    assert res.exit_code == 3 and "onnx/model.onnx: not a readable ONNX file" in res.output
+    assert "Traceback" not in res.output
+    assert ids(root) == sorted(two) and no_temporaries(root)
 
 
 # ---------------------------------------------------------------------------- 3. trust
