@@ -121,7 +121,7 @@ def main() -> None:
             by[(seeds[0], threads[-1])]["plan"], runs[-1]["plan"]
         )
     lines = [
-        f"{args.recipe.name}: {len(runs)} runs (seeds {seeds} x threads {threads})",
+        f"{args.recipe.name}: {len(by)} runs (seeds {seeds} x threads {threads})",
         "",
         "| measure | mean | std | spread / mean | per run |",
         "|---|---|---|---|---|",
