@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -157,6 +158,7 @@ def distill(
     last = min(tr.steps, stop_after) if stop_after is not None else tr.steps
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
+    tokens, since, rate = 0, time.perf_counter(), 0.0  # throughput since the last log record
     with graceful_interrupt() as interrupted:
         for step in bar:
             lr = schedule.lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
@@ -200,7 +202,9 @@ def distill(
             identity = is_teacher_copy(recipe, masks, optimizer)
             share = [] if identity else distributed.my_share(step_batches)
             for n, (micro, batch) in enumerate(share):
-                batch = prepare(batch, teacher, recipe, step, micro).to(device)
+                batch = prepare(batch, teacher, recipe, step, micro)
+                tokens += int(batch.attention_mask.sum())  # real tokens, counted on the host
+                batch = batch.to(device)
                 with torch.no_grad(), autocast:
                     t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
                                    with_logits=teacher.has_mlm_head)  # fmt: skip
@@ -231,16 +235,19 @@ def distill(
             n_params = param_count(alive, teacher.vocab, pooler(student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
-                terms = distributed.sum_over_ranks(terms)  # each holds its share of the mean
+                # each process holds its share of the mean losses and of the tokens
+                terms = distributed.sum_over_ranks({**terms, "tokens": tokens})
+                rate = terms.pop("tokens") / (time.perf_counter() - since)  # wall clock
+                tokens, since = 0, time.perf_counter()
                 flag = {"identity_step": True} if identity else {}
                 log.write({"step": done, "lr": lr, **terms, **flag, "params": n_params,
-                           **alive.to_dict()})  # fmt: skip
+                           "tokens_per_s": round(rate, 1), **alive.to_dict()})  # fmt: skip
             if main and (done % tr.eval_every == 0 or done == tr.steps):
                 ev = evaluate(done, teacher, student, maps, replace(masks, fade=fade.detach()),
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
                 bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
-                                params=f"{n_params / 1e6:.1f}M")  # fmt: skip
+                                params=f"{n_params / 1e6:.1f}M", tok_s=f"{rate:.0f}")  # fmt: skip
             stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
             if done % tr.checkpoint_every == 0 or stop or done == last:
                 checkpoint(done)

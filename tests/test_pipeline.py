@@ -45,6 +45,14 @@ def test_slim_model_has_the_target_shape_and_formula_count(finished):
     )
 
 
+def test_training_logs_its_throughput(finished):
+    """Every training record says how many real tokens a second the loop went through."""
+    logged = [r for r in read_metrics(finished.run_dir / "metrics.jsonl") if "loss_total" in r]
+    assert len(logged) == load_recipe(TINY).train.steps  # log_every: 1
+    trained = [r for r in logged if not r.get("identity_step")]
+    assert trained and all(r["tokens_per_s"] > 0 for r in trained)
+
+
 def test_checks_and_discrepancy_curve(finished):
     s = finished.summary
     assert s["checks"]["step0_identity_max_abs"] <= 1e-5
