@@ -28,14 +28,8 @@ from compressor.prune.slim import save_slim_model
 from compressor.rundir import ONNX_FILE, SENTENCE_ONNX, SENTENCE_ONNX_FILE
 from compressor.teacher import resolve_source, sentence_transformers_files
 from tests.conftest import PACKAGED, ROOT, tiny_bert
+from tests.test_export import TEXTS, TOL  # the texts and tolerance of every export test
 
-TEXTS = [
-    "The cat sat on the mat.",
-    "Paris is the capital of France.",
-    "Rain falls.",
-    "A long " * 30,
-]
-TOL = Tolerance(atol=1e-4, rtol=1e-4, min_agreement=0.9999)
 SENTENCE_OUTPUTS = ["last_hidden_state", "token_embeddings", "sentence_embedding"]
 
 

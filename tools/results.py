@@ -107,19 +107,20 @@ def main() -> None:
     table = {m: over_seeds([r["quality"][m] for r in runs]) for m in METRICS}
     table["discrepancy_final"] = over_seeds([r["discrepancy_final"] for r in runs])
     by = {(r["seed"], r["threads"]): r for r in runs}  # unperturbed runs only
-    stability = {
-        seed: overlap(by[(seed, threads[0])]["plan"], by[(seed, t)]["plan"])
+    stability = {  # label -> overlap of two plans, with the kept layers of the second
+        f"{seed}, {t} threads": {**overlap(by[(seed, threads[0])]["plan"], by[(seed, t)]["plan"]),
+                                 "layers": by[(seed, t)]["plan"]["layers"]}
         for seed in seeds
         for t in threads[1:]
-    }
+    }  # fmt: skip
     for name in PERTURBATIONS if args.perturb else ():
         d = run_once(args.recipe, args.out, seeds[0], threads[-1], name)
         runs.append({"seed": seeds[0], "threads": threads[-1], "perturbation": name,
                      "run_dir": str(d), "plan": read_json(d / PLAN_FILE),
                      "quality": read_json(d / SUMMARY_FILE)["quality"]})  # fmt: skip
-        stability[f"{seeds[0]}, {name}"] = overlap(
-            by[(seeds[0], threads[-1])]["plan"], runs[-1]["plan"]
-        )
+        base = by[(seeds[0], threads[-1])]["plan"]
+        stability[f"{seeds[0]}, {name}"] = {**overlap(base, runs[-1]["plan"]),
+                                            "layers": runs[-1]["plan"]["layers"]}  # fmt: skip
     lines = [
         f"{args.recipe.name}: {len(by)} runs (seeds {seeds} x threads {threads})",
         "",
@@ -131,13 +132,12 @@ def main() -> None:
         lines.append(
             f"| {name} | {v['mean']:.4f} | {v['std']:.4f} | {v['std'] / abs(v['mean']):.1%} | {each} |"
         )
-    lines += ["", "| seed | kept layers | plan overlap (threads: with the seed's run at "
+    lines += ["", "| run | kept layers | plan overlap (threads: with the seed's run at "
               f"{threads[0]} thread(s); a perturbation: with the same run unperturbed): layers"
               " identical / hidden / heads / ffn |", "|---|---|---|"]  # fmt: skip
-    for seed, o in stability.items():
-        layers = by[(int(str(seed).split(",")[0]), threads[0])]["plan"]["layers"]
+    for label, o in stability.items():
         lines.append(
-            f"| {seed} | {layers} | {'yes' if o['layers_identical'] else 'NO'} / {o['hidden']:.3f}"
+            f"| {label} | {o['layers']} | {'yes' if o['layers_identical'] else 'NO'} / {o['hidden']:.3f}"
             f" / {o['heads']:.3f} / {o['ffn']:.3f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
