@@ -1,8 +1,8 @@
 """How much of a sentence classifier's accuracy is lexical: the linear probe of `compress eval
 --probe` on the mean-pooled output of the embedding layer alone (no transformer layer), beside
-the teacher's embedding layer and first layers.
+the teacher's embedding layer and first layers (`--each-layer`: each run after every layer).
 
-    .venv/bin/python tools/lexical_probe.py RUN_DIR... [--task rotten_tomatoes]
+    .venv/bin/python tools/lexical_probe.py RUN_DIR... [--task rotten_tomatoes] [--each-layer]
 
 If the embedding layer alone scores as well as the whole teacher, the task's probe measures how
 much word-level information survives to the last layer more than sentence meaning.
@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--task", default="rotten_tomatoes")
+    ap.add_argument("--each-layer", action="store_true", help="probe each run after every layer")
     args = ap.parse_args()
     torch.set_num_threads(1)
     settings = EvalSettings(mode="probe")
@@ -44,7 +45,10 @@ def main() -> None:
     full = len(teacher.model.encoder.layer)
     rows = [(f"teacher, layers 0..{n - 1}" if n else "teacher, embedding layer", None, n)
             for n in (0, 1, 3, full)]  # fmt: skip
-    rows += [(f"{run}, embedding layer", run, 0) for run in args.runs]
+    for run in args.runs:
+        depths = range(load_run_recipe(run).target.layers + 1) if args.each_layer else [0]
+        rows += [(f"{run}, layers 0..{n - 1}" if n else f"{run}, embedding layer", run, n)
+                 for n in depths]  # fmt: skip
     print(f"{args.task}: linear probe accuracy (validation, test)")
     for name, run, n in rows:
         if run is None:
