@@ -158,6 +158,18 @@ def test_an_out_that_is_a_file_is_refused(report_zoo, tmp_path):
     assert out.read_text() == "x"
 
 
+def test_an_unreadable_entry_is_one_clear_error(tiny_run, tmp_path):
+    root = tmp_path / "zoo"
+    entry = zoo.register(tiny_run.run_dir, root)
+    metrics = zoo.entry_dir(root, entry) / "metrics.jsonl"
+    metrics.chmod(0o644)
+    metrics.write_text("{not json\n")
+    res = cli("report", "--zoo", str(root), "--out", str(tmp_path / "page"))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"{entry}: unreadable entry (JSONDecodeError" in res.output
+    assert f"compress zoo verify {entry}" in res.output and not (tmp_path / "page").exists()
+
+
 # ---------------------------------------------------------------------------- a real zoo
 
 
@@ -230,3 +242,25 @@ def test_the_report_renders_in_a_headless_browser(report_zoo, tmp_path):
     assert result.images == 4 and result.broken_images == []
     assert result.console_errors == []
     assert shot.stat().st_size > 10_000
+
+
+def browser_outcome() -> tuple[type | None, str]:
+    """What browser_or_skip raised (a skip or a failure are both BaseExceptions), as data."""
+    try:
+        browser_or_skip()
+    except BaseException as err:
+        return type(err), str(err)
+    return None, ""
+
+
+def test_a_missing_browser_skips_but_fails_under_ci(monkeypatch):
+    monkeypatch.setattr("tests.browser.shutil.which", lambda name: None)
+    for name in ("CI", "COMPRESS_REQUIRE_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    kind, text = browser_outcome()
+    assert kind is pytest.skip.Exception and "chromium/chromedriver not found" in text
+    for name in ("CI", "COMPRESS_REQUIRE_BROWSER"):
+        monkeypatch.setenv(name, "1")
+        kind, text = browser_outcome()
+        assert kind is pytest.fail.Exception and f"a browser is required here ({name}" in text
+        monkeypatch.delenv(name)
