@@ -186,9 +186,9 @@ def figures(entries: list[ReportEntry]) -> dict[str, str]:
             "similarity to the teacher (Spearman, held-out texts)",
         )
         out["plot"] = report_plots.data_uri(png)
-    for e in entries:
+    for i, e in enumerate(entries, 1):
         if any("discrepancy" in r for r in e.curve):
-            png = report_plots.curve_png(e.curve, f"{e.row['recipe']}: {e.row['shape']}")
+            png = report_plots.curve_png(e.curve, f"#{i} {e.row['id']}")
             out[e.row["id"]] = report_plots.data_uri(png)
     return out
 
