@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from compressor.rundir import METRICS_FILE
 
@@ -53,8 +53,8 @@ def discrepancy_summary(records: list[dict[str, Any]]) -> dict[str, float]:
     return {"start": d[0][1], "peak": peak, "peak_step": peak_step, "final": d[-1][1]}
 
 
-def plot_run(records: list[dict[str, Any]], out: Path, title: str) -> None:
-    """Discrepancy and parameter count over steps, one PNG."""
+def plot_run(records: list[dict[str, Any]], out: Path | BinaryIO, title: str) -> None:
+    """Discrepancy and parameter count over steps, one PNG (a file, or a binary stream)."""
     import matplotlib
 
     matplotlib.use("Agg")

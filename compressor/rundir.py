@@ -60,6 +60,8 @@ MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 ONNX_MODEL = f"{ONNX_DIR}/{ONNX_FILE}"
 ZOO_INDEX_FILE = "index.sqlite"
+ZOO_REPORT_DIR = "report"  # `compress zoo report`: <zoo>/report/index.html unless --out
+ZOO_REPORT_FILE = "index.html"  # one self-contained page (images inline as data: URIs)
 
 # the output directory of `compress baselines` (runs/ holds one run directory per variant and seed)
 BASELINES_RESULTS_JSON = "results.json"

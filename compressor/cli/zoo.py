@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from compressor.errors import CheckFailed
-from compressor.zoo import report
+from compressor.zoo import html_report, report
 from compressor.zoo import store as zoo
 
 zoo_option = click.option(
@@ -110,6 +110,21 @@ def compare_cmd(entry_ids: tuple[str, ...], zoo_dir: Path | None, as_json: bool)
     """Entries side by side."""
     rows = zoo.compare(zoo.zoo_root(zoo_dir), list(entry_ids))
     _echo_json(rows) if as_json else click.echo(report.compare_table(rows))
+
+
+@zoo_group.command("report")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory of the page (default: <zoo>/report); index.html is written there.",
+)
+@zoo_option
+def report_cmd(out: Path | None, zoo_dir: Path | None) -> None:
+    """One self-contained HTML page: the leaderboard, quality vs latency with the Pareto front,
+    each entry's discrepancy curve and model card. Needs no network to view."""
+    path, n = html_report.write_report(zoo.zoo_root(zoo_dir), out)
+    click.echo(f"wrote {path} ({n} entries)")
 
 
 @zoo_group.command("add")
