@@ -47,6 +47,7 @@ def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = N
             f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
                 "speedup_p50": r["speedup_p50"],
                 "flop_ratio": r["flop_ratio"],
+                "noisy": r["noisy"],
             }
             for r in result["results"]
         }
@@ -134,7 +135,8 @@ def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]
         "student": Shape.of_config(AutoConfig.from_pretrained(run_dir / MODEL_DIR)),
     }
     grid = [(bs, sl) for bs in b.batch_sizes for sl in b.seq_lengths]
-    result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds)
+    result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds, b.max_spread,
+                       b.remeasure)  # fmt: skip
     write_benchmark(result, run_dir / BENCH_FILE)
     return result
 
