@@ -39,7 +39,7 @@ from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import Interrupted, RecipeError, RunDirError, resume_command
 from compressor.forward import encode, mean_pool
-from compressor.gates import check_gates
+from compressor.gates import check_gates, evaluate_for_gates
 from compressor.losses import HiddenMaps, prediction_kl
 from compressor.metrics import MetricsLog, discrepancy_summary, plot_run, read_metrics
 from compressor.prune import schedule
@@ -277,6 +277,7 @@ def _stages(
     remove_checkpoints(run_dir)  # the finished model supersedes them
     if recipe.export.onnx:
         deploy(run_dir, teacher)
+    evaluate_for_gates(recipe.gates, run_dir, teacher)  # the quality gate's evaluation, recorded
     check_gates(recipe.gates, run_dir)  # a miss raises CheckFailed: nothing is registered
     summary = read_summary(run_dir)  # with the deployment stages' results
     if recipe.export.onnx and register and recipe.zoo.register:
@@ -423,7 +424,8 @@ def untrained_slice(recipe: Recipe, output: Path, teacher: Teacher | None = None
 
 def register_run(run_dir: Path, zoo: Path | None = None) -> str:
     """Register a finished, verified run in the zoo (`compress zoo add`): its recipe's gates are
-    checked first."""
+    checked first (the quality gate evaluates the run if its evaluation is not recorded yet)."""
     recipe = load_run_recipe(run_dir)
+    evaluate_for_gates(recipe.gates, Path(run_dir))
     check_gates(recipe.gates, Path(run_dir))
     return zoo_store.register(Path(run_dir), zoo_store.zoo_root(zoo, recipe.zoo.dir))

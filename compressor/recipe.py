@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from compressor.errors import RecipeError
+from compressor.evaluate.settings import OFFLINE_TASKS
 from compressor.rundir import RECIPE_FILE, require_run_dir
 from compressor.shapes import Shape, config_has_mlm_head
 
@@ -281,7 +282,14 @@ class BenchSpec(_Frozen):
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
     iters: int = Field(30, ge=1)
-    rounds: int = Field(2, ge=1)
+    rounds: int = Field(2, ge=1, description="teacher and student alternate round by round")
+    max_spread: float = Field(
+        0.1,
+        gt=0.0,
+        description="noise bound: (p75 - p25) / p50 of a model's calls; above it the benchmark is"
+        " measured again, and marked noisy if it stays above",
+    )
+    remeasure: int = Field(2, ge=0, le=10, description="extra attempts when a measurement is noisy")
     torch_baseline: bool = True
 
 
@@ -294,14 +302,48 @@ class OutputSpec(_Frozen):
         return _check_path(value)
 
 
+class SpeedupGate(_Frozen):
+    """The onnxruntime fp32 p50 speedup at a benchmarked (batch, seq), by default the first."""
+
+    speedup: float = Field(gt=0.0)
+    batch: Size | None = None
+    seq: Size | None = None
+
+
+class QualityGate(_Frozen):
+    """The teacher's score minus the student's on a packaged task's validation split (linear
+    probe, or zero-shot retrieval), measured by `compress eval`'s code; test is never read."""
+
+    task: Literal[OFFLINE_TASKS]  # type: ignore[valid-type]
+    max_drop: float = Field(
+        ge=-1.0, le=1.0, description="absolute; negative asks the student to beat the teacher"
+    )
+    max_train: int = Field(2000, ge=10, description="probe training examples (stratified)")
+    max_eval: int = Field(1000, ge=10, description="validation examples (retrieval: queries)")
+    max_length: int = Field(64, ge=8, le=4096)
+
+
 class GatesSpec(_Frozen):
     """Limits a finished run must meet; a miss exits 3 and nothing is registered (None: unchecked)."""
 
     max_params: int | None = Field(None, ge=1, description="student parameter count")
-    min_speedup: float | None = Field(
-        None, gt=0.0, description="onnxruntime fp32 p50 speedup at the first benchmarked shape"
+    min_speedup: SpeedupGate | None = Field(
+        None,
+        description="onnxruntime fp32 p50 speedup: a number (at the first benchmarked shape) or"
+        " {speedup, batch, seq} at a benchmarked shape; a noisy measurement misses",
     )
     max_discrepancy: float | None = Field(None, ge=0.0, description="final held-out discrepancy")
+    max_quality_drop: QualityGate | None = None
+
+    @field_validator("min_speedup", mode="before")
+    @classmethod
+    def _scalar_speedup(cls, value: Any) -> Any:
+        """The plain number form (at the first benchmarked shape)."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return {"speedup": value}
+        if value is None or isinstance(value, dict | SpeedupGate):
+            return value
+        raise ValueError("expected a number, or {speedup, batch, seq} at a benchmarked shape")
 
 
 with warnings.catch_warnings():  # `register` also names ABCMeta.register; fields are unaffected
@@ -562,10 +604,30 @@ def cross_field_problems(r: Recipe) -> list[str]:
             "pruning.layer_selection: width truncation ranks nothing, so layers must be chosen"
             " 'uniform' (evenly spaced, DistilBERT-style)"
         )
+    p += gate_problems(r)
     d = r.distill
     if d.mlm + d.prediction + d.hidden + d.attention + d.similarity == 0:
         p.append("distill: every loss weight is 0; nothing would be learned")
     return p
+
+
+def gate_problems(r: Recipe) -> list[str]:
+    """A speedup gate needs the benchmark, at a shape it measures."""
+    gate = r.gates.min_speedup
+    if gate is None:
+        return []
+    if not r.bench.enabled:
+        return ["gates.min_speedup: needs the benchmark; set bench.enabled: true"]
+    if (gate.batch is None) != (gate.seq is None):
+        return ["gates.min_speedup: give both batch and seq, or neither (the first shape)"]
+    grid = [(b, t) for b in r.bench.batch_sizes for t in r.bench.seq_lengths]
+    if gate.batch is not None and (gate.batch, gate.seq) not in grid:
+        shapes = ", ".join(f"batch {b} seq {t}" for b, t in grid)
+        return [
+            f"gates.min_speedup: batch {gate.batch} seq {gate.seq} is not benchmarked"
+            f" (bench.batch_sizes x bench.seq_lengths: {shapes})"
+        ]
+    return []
 
 
 def _section_problems(raw: dict[str, Any]) -> list[str]:

@@ -197,16 +197,23 @@ def test_overrides_apply_to_the_base_and_are_validated():
 
 def test_a_recorded_evaluation_is_reused_unless_a_setting_it_used_changed(tmp_path):
     """Probe and retrieval results do not depend on fine-tuning's epochs or lr: changing those
-    must not re-run them; changing what they do use must."""
-    from compressor.evaluate.baselines import evaluation_of
+    must not re-run them; changing what they do use must. One without the teacher's numbers is
+    not reused (the comparison and the quality gate need both)."""
+    from compressor.evaluate.evaluation import evaluation_of
     from compressor.rundir import evals_path
 
     probe = EvalSettings(mode="probe", lr=1e-4)
     finetune = EvalSettings(mode="finetune", lr=1e-4)
     records = [
-        {"task": "sst", "splits": {"train": 10}, "settings": probe.to_dict()},
-        {"task": "sst", "splits": {"train": 10}, "settings": finetune.to_dict()},
-        {"task": "films", "splits": {"documents": 5}, "settings": finetune.to_dict()},
+        {"task": "sst", "splits": {"train": 10}, "settings": probe.to_dict(), "teacher": {}},
+        {"task": "sst", "splits": {"train": 10}, "settings": finetune.to_dict(), "teacher": {}},
+        {
+            "task": "films",
+            "splits": {"documents": 5},
+            "settings": finetune.to_dict(),
+            "teacher": {},
+        },
+        {"task": "alone", "splits": {"train": 10}, "settings": probe.to_dict()},
     ]
     evals_path(tmp_path).write_text(json.dumps({"evaluations": records}))
     assert (
@@ -217,3 +224,4 @@ def test_a_recorded_evaluation_is_reused_unless_a_setting_it_used_changed(tmp_pa
     assert evaluation_of(tmp_path, "sst", EvalSettings(mode="finetune", lr=3e-4)) is None
     assert evaluation_of(tmp_path, "films", EvalSettings(mode="probe", max_train=7)) == records[2]
     assert evaluation_of(tmp_path, "films", EvalSettings(max_eval=7)) is None
+    assert evaluation_of(tmp_path, "alone", probe) is None

@@ -89,13 +89,15 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, packaged_tokenizer):
         "student": {"onnxruntime": str(onnx_dir / ONNX_FILE), "torch": str(model_dir)},
     }
     s = Shape(3, 32, 4, 8, 64)
-    out = benchmark(
-        models, {"teacher": s, "student": s}, [(1, 16)], threads=1, warmup=1, iters=3, rounds=2
-    )
+    out = benchmark(models, {"teacher": s, "student": s}, [(1, 16)], threads=1, warmup=1,
+                    iters=3, rounds=2, remeasure=0)  # fmt: skip
     assert {r["runtime"] for r in out["results"]} == {"onnxruntime", "torch"}
     for r in out["results"]:
         assert r["teacher_ms"]["n"] == 6 and r["flop_ratio"] == 1.0
         assert r["teacher_ms"]["p50"] <= r["teacher_ms"]["p99"]
+        assert r["teacher_ms"]["spread"] >= 0 and isinstance(r["noisy"], bool)
+        assert len(r["speedup_per_round"]) == 2
+    assert out["attempts"] == 1 and out["max_spread"] == 0.1
     assert out["threads"] == 1 and "onnxruntime" in out["packages"]
 
 

@@ -72,6 +72,10 @@ MALFORMED = {
     "structure not listed": (edit(pruning__structures=["heads", "ffn", "hidden"]), "the target shrinks layers but 'layers' is not listed"),
     "mlm on head-less teacher": (edit(distill__mlm=1.0), "distill.mlm: 1.0 needs a teacher with a masked-LM head"),
     "missing teacher package": (edit(teacher__id="no_such_pkg"), "teacher.id: no installed package named 'no_such_pkg'"),
+    "quality gate on an unknown task": (edit(gates={"max_quality_drop": {"task": "imdb", "max_drop": 0.05}}), "gates.max_quality_drop.task: Input should be 'wiki_topics', 'rotten_tomatoes' or 'movie_retrieval' (got 'imdb')"),
+    "speedup gate at a shape not benchmarked": (edit(gates={"min_speedup": {"speedup": 2, "batch": 8, "seq": 128}}), "gates.min_speedup: batch 8 seq 128 is not benchmarked (bench.batch_sizes x bench.seq_lengths: batch 1 seq 128)"),
+    "speedup gate with half a shape": (edit(gates={"min_speedup": {"speedup": 2, "seq": 128}}), "gates.min_speedup: give both batch and seq"),
+    "speedup gate not a number": (edit(gates={"min_speedup": "fast"}), "gates.min_speedup: Value error, expected a number, or {speedup, batch, seq}"),
 }  # fmt: skip
 
 

@@ -102,7 +102,12 @@ def test_the_run_registered_itself(tiny_run):
     assert res.exit_code == 0 and entry_id in res.output
     recipe = yaml.safe_load((tiny_run.run_dir / "recipe.yaml").read_text())
     assert recipe["zoo"] == {"register": True, "dir": None}
-    assert set(recipe["gates"]) == {"max_params", "min_speedup", "max_discrepancy"}
+    assert set(recipe["gates"]) == {
+        "max_params",
+        "min_speedup",
+        "max_discrepancy",
+        "max_quality_drop",
+    }
 
 
 def test_entry_layout_manifest_and_card(entry, root, run_dir):
@@ -592,7 +597,8 @@ def test_gate_failures_name_gate_value_and_limit():
     )
     assert failures == [
         "gates.max_params: the student has 4,254,336 parameters, limit 10",
-        "gates.min_speedup: onnxruntime fp32 speedup 2.50x, limit 3.0x",
+        "gates.min_speedup: onnxruntime fp32 speedup 2.50x at the first benchmarked shape,"
+        " limit 3.0x",
         "gates.max_discrepancy: final discrepancy 0.74, limit 0.5",
     ]
     assert "no onnxruntime benchmark" in gate_failures(GatesSpec(min_speedup=1.0), summary, None)[0]

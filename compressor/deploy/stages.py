@@ -43,15 +43,21 @@ def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = N
     summary.export = export_and_verify(recipe, run_dir)
     if recipe.bench.enabled if bench is None else bench:
         result = bench_run(recipe, run_dir, teacher or load_teacher(recipe.teacher))
-        summary.benchmark = {
-            f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
-                "speedup_p50": r["speedup_p50"],
-                "flop_ratio": r["flop_ratio"],
-            }
-            for r in result["results"]
-        }
+        summary.benchmark = bench_summary(result)
     write_summary(run_dir, summary)
     return summary.to_dict()
+
+
+def bench_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's view of benchmark.json: speedup, FLOP ratio and noise per measurement."""
+    return {
+        f"{r['runtime']}_b{r['batch']}_t{r['seq']}": {
+            "speedup_p50": r["speedup_p50"],
+            "flop_ratio": r["flop_ratio"],
+            "noisy": r["noisy"],
+        }
+        for r in result["results"]
+    }
 
 
 def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -134,12 +140,18 @@ def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]
         "student": Shape.of_config(AutoConfig.from_pretrained(run_dir / MODEL_DIR)),
     }
     grid = [(bs, sl) for bs in b.batch_sizes for sl in b.seq_lengths]
-    result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds)
+    result = benchmark(models, shapes, grid, b.threads, b.warmup, b.iters, b.rounds, b.max_spread,
+                       b.remeasure)  # fmt: skip
     write_benchmark(result, run_dir / BENCH_FILE)
     return result
 
 
 def bench_run_dir(run_dir: Path) -> dict[str, Any]:
-    """Re-run the latency benchmark of a finished, exported run (`compress bench`)."""
+    """Re-run the latency benchmark of a finished, exported run (`compress bench`); summary.json
+    follows, so the zoo never pairs a new benchmark with an old noise flag."""
     recipe = load_run_recipe(run_dir)
-    return bench_run(recipe, Path(run_dir), load_teacher(recipe.teacher))
+    summary = read_summary(run_dir)
+    result = bench_run(recipe, Path(run_dir), load_teacher(recipe.teacher))
+    summary.benchmark = bench_summary(result)
+    write_summary(run_dir, summary)
+    return result

