@@ -42,7 +42,13 @@ from compressor.rundir import (
 from compressor.zoo import report_plots
 from compressor.zoo import store as zoo
 from compressor.zoo.pareto import finite, pareto_front
-from compressor.zoo.report import empty_zoo_text, human_bytes, human_count, speedup_text
+from compressor.zoo.report import (
+    benchmark_noisy,
+    empty_zoo_text,
+    human_bytes,
+    human_count,
+    speedup_text,
+)
 
 BenchPoint = tuple[str, int, int]  # (runtime, batch, sequence length)
 PLOT_RUNTIME = "onnxruntime"
@@ -253,7 +259,7 @@ def leaderboard(
             f"{esc(human_count(r['params']))}<br><small>{num(share, '.1%')}</small>",
             esc(human_bytes(r["size_bytes"])),
             *(_latency_cell(e.latency.get(p)) for p in points),
-            esc(speedup_text(r["speedup"] if finite(r["speedup"]) else None)),
+            esc(speedup_text(r["speedup"] if finite(r["speedup"]) else None, benchmark_noisy(r))),
             num(similarity(r)),
             num(quality(r, "neighbour_top1")),
             num(r["discrepancy"], ".4g"),
