@@ -119,11 +119,15 @@ def pruning_remains(r: Recipe, next_step: int) -> bool:
 def pack_importance(state: EmaState, r: Recipe, next_step: int) -> dict[str, Any] | None:
     if not pruning_remains(r, next_step):
         return None
-    return {
+    out = {
         "i_bar": {n: pack_delta(v) for n, v in state.i_bar.items()},
         "u_bar": {n: pack_delta(v) for n, v in state.u_bar.items()},
         "steps": state.steps,
     }
+    if state.removed:  # a progressive slim's removed entries (importance.py), whole
+        out["removed"] = {q: {k: v.cpu().clone() for k, v in d.items()}
+                          for q, d in state.removed.items()}  # fmt: skip
+    return out
 
 
 def unpack_importance(
@@ -133,7 +137,8 @@ def unpack_importance(
     if packed is None:
         return fresh
     ema = {k: {n: unpack_delta(v) for n, v in packed[k].items()} for k in ("i_bar", "u_bar")}
-    return EmaState.from_dict({**ema, "steps": packed["steps"]}, device)
+    removed = packed.get("removed")
+    return EmaState.from_dict({**ema, "steps": packed["steps"], "removed": removed}, device)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
