@@ -4,7 +4,8 @@ run side by side in one invocation on this machine: wall-time ratio, against the
     OMP_NUM_THREADS=1 .venv/bin/python tools/slim_benchmark.py --out /tmp/slim-bench \
         [--recipe recipes/minilm-to-4L256.yaml] [--threads 1] [--set train.steps=100 ...]
 
-The runs go one after the other (masking only first), without export or benchmark stages. Timed:
+The two runs go at once, in two processes (`--sequential`: one after the other, masking only
+first), so that the rest of the machine's load slows both alike; no export or benchmark stage. Timed:
 the whole run, and its training loop (`distill`). The ideal is the area under the schedule's
 per-step FLOP curve (`schedule.shapes_by_step`, `bench.encoder_flops` at the recipe's max_length)
 over full width: for the student alone, and for a step as it is made (the teacher's forward at
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from compressor import pipeline
@@ -54,12 +57,31 @@ def timed(inner):
     return wrapper, seconds
 
 
+def run_mode(job: tuple[str, Path, list[str]]) -> dict:
+    """One run (in its own process when run in parallel), timed."""
+    recipe, out, overrides = job
+    distill = pipeline.distill
+    pipeline.distill, loop = timed(distill)
+    t = time.perf_counter()
+    run = pipeline.run(recipe, output=out, register=False, overrides=overrides)
+    pipeline.distill = distill
+    return {
+        "run_s": round(time.perf_counter() - t, 1),
+        "loop_s": round(loop[0], 1),
+        "similarity_spearman": run.summary["quality"]["similarity_spearman"],
+        "discrepancy_final": run.summary["discrepancy"]["final"],
+        "masked_vs_slim_max_abs": run.summary["checks"]["masked_vs_slim_max_abs"],
+        "run_dir": str(run.run_dir),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/minilm-to-4L256.yaml")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--sequential", action="store_true", help="one run after the other")
     args = ap.parse_args()
 
     common = [f"train.threads={args.threads}", "export.onnx=false", "bench.enabled=false",
@@ -70,21 +92,13 @@ def main() -> None:
                                      p.end_step, p.interval, recipe.train.steps)  # fmt: skip
     ideal = ideal_ratios(shapes, full, recipe.data.max_length)
 
-    results, distill = {}, pipeline.distill
-    for mode, flag in MODES.items():
-        pipeline.distill, loop = timed(distill)
-        t = time.perf_counter()
-        run = pipeline.run(args.recipe, output=args.out / mode, register=False,
-                           overrides=[*common, f"pruning.progressive_slim={flag}"])  # fmt: skip
-        results[mode] = {
-            "run_s": round(time.perf_counter() - t, 1),
-            "loop_s": round(loop[0], 1),
-            "similarity_spearman": run.summary["quality"]["similarity_spearman"],
-            "discrepancy_final": run.summary["discrepancy"]["final"],
-            "masked_vs_slim_max_abs": run.summary["checks"]["masked_vs_slim_max_abs"],
-            "run_dir": str(run.run_dir),
-        }
-    pipeline.distill = distill
+    jobs = [(args.recipe, args.out / mode, [*common, f"pruning.progressive_slim={flag}"])
+            for mode, flag in MODES.items()]  # fmt: skip
+    if args.sequential:
+        results = dict(zip(MODES, map(run_mode, jobs), strict=True))
+    else:  # both at once: whatever else loads the machine slows both alike
+        with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
+            results = dict(zip(MODES, pool.map(run_mode, jobs), strict=True))
     m, g = results["masking"], results["progressive"]
     same_plan = (Path(m["run_dir"]) / PLAN_FILE).read_text() == (
         Path(g["run_dir"]) / PLAN_FILE
@@ -92,6 +106,7 @@ def main() -> None:
     out = {
         "recipe": recipe.name,
         "overrides": common,
+        "parallel": not args.sequential,
         "steps": recipe.train.steps,
         "runs": results,
         "ratio": {
