@@ -214,3 +214,25 @@ def test_progressive_slimming_is_refused_under_torchrun(monkeypatch, packaged_te
     student = copy.deepcopy(packaged_teacher.model)
     with pytest.raises(RecipeError, match="progressive_slim: not supported under torchrun"):
         distill(recipe, packaged_teacher, student, None, tmp_path, torch.device("cpu"))
+
+
+def test_the_check_after_a_cut_fails_on_a_wrong_cut_and_on_nan():
+    from compressor.checks import check_progressive_slim
+    from compressor.errors import CheckFailed
+
+    model = tiny_bert(seed=5)
+    first, _ = two_cuts(5)
+    cut = Units.kept(first)
+    ids, att = tiny_batch()
+    with torch.no_grad():
+        masked = encode(model, ids, att, first)
+        cut_model = copy.deepcopy(model)
+        cut_student(cut_model, cut, FULL.head_dim)
+        good = encode(cut_model, ids, att, cut_masks(first, cut))
+        assert check_progressive_slim(masked, good, cut.hidden, att, 7) <= 1e-5
+        wrong = Units.kept(replace(first, hidden=first.hidden.roll(1)))  # other hidden dims
+        with pytest.raises(CheckFailed, match="progressive slim at step 7"):
+            check_progressive_slim(masked, good, wrong.hidden, att, 7)
+        good.hidden_states[-1][0, 0, 0] = float("nan")
+        with pytest.raises(CheckFailed):
+            check_progressive_slim(masked, good, cut.hidden, att, 7)
