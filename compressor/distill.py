@@ -126,13 +126,11 @@ def distill(
     ckpt = load_checkpoint(run_dir, warn=tqdm.write)
     if ckpt is not None and ckpt.units is not None:  # cut as it was before its state loads
         units = Units.from_dict(ckpt.units)
-        cut = cut_training_state(units, recipe, student, maps, optimizer, importance,
-                                 Masks.full(full, device), initial)  # fmt: skip
-        optimizer, importance, masks, fade, initial = cut
-        params, names = (
-            student_parameters(student),
-            optimizer_names(optimizer, student_parameters(student)),
-        )
+        state = cut_training_state(units, recipe, student, maps, optimizer, importance,
+                                   Masks.full(full, device), initial)  # fmt: skip
+        optimizer, importance, masks, fade, initial = state
+        params = student_parameters(student)
+        names = optimizer_names(optimizer, params)
     if ckpt is not None:
         masks = Masks.from_dict(ckpt.masks, device)
         pruned = pruned_entries(student, masks)

@@ -10,6 +10,8 @@ bit for bit. Stored is only what the rest of the run can read:
 - the importance EMA only while a pruning step remains (after the last one nothing reads it).
   Until then it is kept whole, pruned entries included: they still add to the scores of the
   hidden dims they cross;
+- after a progressive slim (prune/progressive.py), the kept teacher indices (`units`): the run's
+  starting student, cut by them, is the base, and the removed entries' importance sums are kept;
 - every process's random generators (the CPU's, and the GPU's on CUDA);
 - never the teacher.
 """
