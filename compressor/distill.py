@@ -2,7 +2,8 @@
 
 Reads top to bottom. Every mask change is a visible line; there are no hooks. Step s (0-based):
 teacher forward, student forward under the masks, loss, backward, importance update, optimizer
-step, re-zero pruned weights, and, on pruning steps, shrink the masks to the schedule's widths.
+step, re-zero pruned weights, and, on pruning steps, shrink the masks to the schedule's widths
+(with `pruning.progressive_slim`, then cut what they pruned out of the student and its state).
 Under torchrun each process takes its share of a step's micro-batches and DDP averages the
 gradients (distributed.py); everything after the backward is the same on every process.
 """
