@@ -58,7 +58,12 @@ class Units:
 
         def idx(alive: torch.Tensor) -> torch.Tensor:
             """Indices of the alive entries along the last dim (same count in every row)."""
-            n = int(alive.sum(-1).flatten()[0]) if alive.numel() else 0
+            counts = alive.sum(-1)
+            n = int(counts.flatten()[0]) if alive.numel() else 0
+            if not bool((counts == n).all()):
+                raise ValueError(
+                    f"widths are not uniform ({sorted(set(counts.flatten().tolist()))})"
+                )
             order = torch.argsort((~alive).to(torch.int8), dim=-1, stable=True)
             return order[..., :n].sort(-1).values
 
