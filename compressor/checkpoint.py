@@ -55,6 +55,7 @@ class TrainingState:
     data: dict[str, Any] | None = None  # a stream's position (data.py); older checkpoints lack it
     world_size: int = 1  # the processes that trained it (torchrun); a resume needs as many
     rank_rng: list[dict[str, torch.Tensor]] | None = None  # per rank: "cpu", and "cuda" on GPUs
+    units: dict[str, torch.Tensor] | None = None  # progressive slim: the kept teacher indices
 
 
 class Damaged(Exception):

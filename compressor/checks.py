@@ -13,7 +13,7 @@ from transformers import AutoModel
 from compressor.bert_params import student_parameters
 from compressor.data import Batch
 from compressor.errors import CheckFailed
-from compressor.forward import encode
+from compressor.forward import EncoderOutput, encode
 from compressor.prune.masks import Masks
 from compressor.shapes import Shape, Vocab, param_count
 
@@ -61,6 +61,25 @@ def check_slim_roundtrip(
         raise CheckFailed(
             f"slim round-trip: the reloaded model in {slim_dir} differs from the masked student"
             f" by {diff:.3g} (last hidden state, tolerance {SLIM_ATOL})"
+        )
+    return diff
+
+
+def check_progressive_slim(
+    masked: EncoderOutput,
+    slimmed: EncoderOutput,
+    kept_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    step: int,
+) -> float:
+    """After a progressive slim, the cut student must compute what it did masked: its last hidden
+    state on the kept dims, on the held-out batch, within the slim round-trip's tolerance."""
+    ref = masked.hidden_states[-1][..., kept_hidden.to(attention_mask.device)]
+    diff = max_diff_on_tokens(ref, slimmed.hidden_states[-1], attention_mask)
+    if not diff <= SLIM_ATOL:  # written so that NaN fails
+        raise CheckFailed(
+            f"progressive slim at step {step}: the cut student differs from the masked one by"
+            f" {diff:.3g} (last hidden state on the held-out batch, tolerance {SLIM_ATOL})"
         )
     return diff
 

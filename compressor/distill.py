@@ -2,7 +2,8 @@
 
 Reads top to bottom. Every mask change is a visible line; there are no hooks. Step s (0-based):
 teacher forward, student forward under the masks, loss, backward, importance update, optimizer
-step, re-zero pruned weights, and, on pruning steps, shrink the masks to the schedule's widths.
+step, re-zero pruned weights, and, on pruning steps, shrink the masks to the schedule's widths
+(with `pruning.progressive_slim`, then cut what they pruned out of the student and its state).
 Under torchrun each process takes its share of a step's micro-batches and DDP averages the
 gradients (distributed.py); everything after the backward is the same on every process.
 """
@@ -24,9 +25,9 @@ from tqdm import tqdm
 from compressor import distributed
 from compressor.bert_params import pooler, student_parameters
 from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from compressor.checks import check_finite_losses
+from compressor.checks import check_finite_losses, check_progressive_slim
 from compressor.data import Batch, Corpus, mask_tokens
-from compressor.errors import CheckFailed, Interrupted
+from compressor.errors import CheckFailed, Interrupted, RecipeError
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import (
     HiddenMaps,
@@ -55,11 +56,23 @@ from compressor.prune.masks import (
     select_layers,
     zero_pruned_weights,
 )
+from compressor.prune.progressive import (
+    Units,
+    cut_importance,
+    cut_maps_inputs,
+    cut_masks,
+    cut_named,
+    cut_student,
+    cut_tensor,
+    renamed,
+    tensor_cuts,
+)
 from compressor.quality import similarity_discrepancy
 from compressor.recipe import DistillSpec, Recipe
 from compressor.shapes import Shape, param_count
 from compressor.teacher import Teacher
 from compressor.train_state import (
+    MOMENTS,
     optimizer_names,
     pack_importance,
     pack_optimizer,
@@ -78,9 +91,10 @@ FADE = "__layer_fade__"
 
 @dataclass
 class DistillResult:
-    masks: Masks
+    masks: Masks  # over the student's current units
     maps: HiddenMaps
     steps_done: int
+    units: Units | None = None  # the teacher's indices of those units, once progressively slimmed
 
 
 def distill(
@@ -102,8 +116,22 @@ def distill(
     importance = EmaState.zeros_like({**params, FADE: fade})
     layers_chosen, start, floor = False, 0, None
     initial, names = snapshot(student), optimizer_names(optimizer, params)
+    units: Units | None = None  # the teacher's indices of the student's units, once slimmed
+    if p.progressive_slim and distributed.world_size() > 1:
+        raise RecipeError(recipe.name, [
+            f"pruning.progressive_slim: not supported under torchrun (world size"
+            f" {distributed.world_size()}): DDP wraps the student at its first shape; set it to"
+            " false, or train in one process"
+        ])  # fmt: skip
 
     ckpt = load_checkpoint(run_dir, warn=tqdm.write)
+    if ckpt is not None and ckpt.units is not None:  # cut as it was before its state loads
+        units = Units.from_dict(ckpt.units)
+        state = cut_training_state(units, recipe, student, maps, optimizer, importance,
+                                   Masks.full(full, device), initial)  # fmt: skip
+        optimizer, importance, masks, fade, initial = state
+        params = student_parameters(student)
+        names = optimizer_names(optimizer, params)
     if ckpt is not None:
         masks = Masks.from_dict(ckpt.masks, device)
         pruned = pruned_entries(student, masks)
@@ -122,6 +150,7 @@ def distill(
     # what learns or is ranked from a gradient, as one module: under torchrun DDP all-reduces
     # its gradients (the teacher is not wrapped)
     model = distributed.wrap(StudentLoss(student, maps, fade, teacher.has_mlm_head), device)
+    model.units = units
     main = distributed.is_main()  # the one process that writes files
     log = MetricsLog(run_dir, resume_step=start, enabled=main)  # step 0: a fresh log
     heldout = corpus.heldout.to(device)
@@ -149,6 +178,7 @@ def distill(
                 layers_chosen=layers_chosen, noise_floor=floor, torch_rng=rngs[0]["cpu"],
                 world_size=distributed.world_size(), rank_rng=rngs,
                 data=corpus.position(next_step),
+                units=units.to_dict() if units is not None else None,
             ))  # fmt: skip
         distributed.barrier()
 
@@ -183,7 +213,9 @@ def distill(
                 widths = schedule.widths_at(
                     step, full, target, p.schedule, p.start_step, p.end_step
                 )
-                ranked = rank_structures(p.importance, student, scores, full, masks.layers)
+                ranked = rank_structures(
+                    p.importance, student, scores, masks.tensor_shape(), masks.layers
+                )
                 masks = prune_to(masks, ranked, widths)
                 distributed.check_identical(masks.to_dict(), f"the masks pruned at step {step}")
                 zero_pruned_weights(student, masks)
@@ -193,13 +225,37 @@ def distill(
                 with torch.no_grad():
                     fade.copy_(torch.where(masks.layers, 1.0, f))
 
+            # 1b. progressive slim: cut what the masks pruned (and the layers faded to 0) out of
+            #     the student and its state, then check that it computes what it did masked
+            pruning_step = schedule.is_pruning_step(
+                step, p.start_step, p.end_step, p.interval, p.schedule
+            )
+            cut = Units.kept(masks) if p.progressive_slim and pruning_step else None
+            if cut is not None and not cut.is_identity_of(masks.tensor_shape()):
+                with torch.no_grad():
+                    before = encode(student, heldout.input_ids, heldout.attention_mask, masks)
+                state = cut_training_state(cut, recipe, student, maps, optimizer, importance,
+                                           masks, initial)  # fmt: skip
+                optimizer, importance, masks, fade, initial = state
+                params = student_parameters(student)
+                names = optimizer_names(optimizer, params)
+                units = (units or Units.identity(full)).then(cut)
+                model.units, model.fade = units, fade
+                with torch.no_grad():
+                    after = encode(student, heldout.input_ids, heldout.attention_mask, masks)
+                diff = check_progressive_slim(before, after, cut.hidden, heldout.attention_mask,
+                                              step)  # fmt: skip
+                log.write({"step": step, "event": "slim", "masked_vs_slim_max_abs": diff,
+                           **masks.tensor_shape().to_dict()})  # fmt: skip
+
             # 2. forward teacher and student on each micro-batch of this process's share (all of
             #    them in one process), backward the weighted loss; gradients are averaged over the
             #    processes on the last one. A student that is still exactly the teacher has nothing
             #    to learn (its gradient is rounding noise), so that step moves nothing
             terms: dict[str, float] = {"loss_total": 0.0}
             step_batches = next(batches)
-            identity = is_teacher_copy(recipe, masks, optimizer)
+            # a slimmed student's masks are all alive, but it is no longer its teacher
+            identity = units is None and is_teacher_copy(recipe, masks, optimizer)
             share = [] if identity else distributed.my_share(step_batches)
             for n, (micro, batch) in enumerate(share):
                 batch = prepare(batch, teacher, recipe, step, micro)
@@ -255,7 +311,50 @@ def distill(
                 raise Interrupted(run_dir, True, stop, distributed.world_size())
     weights = {**student.state_dict(), **{f"maps.{k}": v for k, v in maps.state_dict().items()}}
     distributed.check_identical(weights, "the student's weights and maps at the end of training")
-    return DistillResult(replace(masks, fade=fade.detach()), maps, last)
+    return DistillResult(replace(masks, fade=fade.detach()), maps, last, units)
+
+
+def cut_training_state(
+    cut: Units,
+    r: Recipe,
+    student: torch.nn.Module,
+    maps: HiddenMaps,
+    optimizer: torch.optim.Optimizer,
+    importance: EmaState,
+    masks: Masks,
+    initial: dict[str, torch.Tensor],
+) -> tuple[torch.optim.Optimizer, EmaState, Masks, torch.nn.Parameter, dict[str, torch.Tensor]]:
+    """Cut the kept units of everything that holds the student's units (progressive.py): the
+    student and the maps' inputs in place; returned, the optimizer (AdamW's moments cut alike),
+    the importance state, the masks over the kept units, a new fade parameter, and the base the
+    checkpoints store the student against."""
+    head_dim = masks.qk.shape[2]
+    cuts = tensor_cuts(student, cut, head_dim)
+    new_importance = cut_importance(importance, student, cut, head_dim, masks.layers, FADE)
+    old = {**{f"student.{n}": t for n, t in student_parameters(student).items()},
+           **{f"maps.{n}": t for n, t in maps.named_parameters()}}  # fmt: skip
+    moments = {n: optimizer.state[t] for n, t in old.items() if t in optimizer.state}
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    base = cut_named(initial, cuts, cut)
+    cut_student(student, cut, head_dim)
+    cut_maps_inputs(maps, cut.hidden)
+    new_optimizer = make_optimizer(student_parameters(student), maps, r)
+    for g, lr in zip(new_optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    new = {**{f"student.{n}": t for n, t in student_parameters(student).items()},
+           **{f"maps.{n}": t for n, t in maps.named_parameters()}}  # fmt: skip
+    for n, st in moments.items():
+        kind, _, rest = n.partition(".")
+        name = renamed(rest, cut) if kind == "student" else rest
+        if name is None:
+            continue  # a dropped layer's
+        index = cuts[rest] if kind == "student" else (None, cut.hidden)
+        new_optimizer.state[new[f"{kind}.{name}"]] = {
+            k: cut_tensor(v, index) if k in MOMENTS else v for k, v in st.items()
+        }
+    new_masks = cut_masks(replace(masks, fade=masks.fade.detach()), cut)
+    fade = torch.nn.Parameter(new_masks.fade.clone())
+    return new_optimizer, new_importance, replace(new_masks, fade=fade), fade, base
 
 
 def is_teacher_copy(r: Recipe, masks: Masks, optimizer: torch.optim.Optimizer) -> bool:

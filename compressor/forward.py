@@ -5,6 +5,8 @@ It computes exactly what the physically slimmed model will compute:
 - LayerNorm statistics are taken over the kept hidden dims only;
 - attention scores keep the teacher's 1/sqrt(head_dim) (slimming folds the new scale into Q);
 - a layer being removed is faded to the identity: out = x + fade * (layer(x) - x).
+Under masks the head count and size are the masks' (a progressively slimmed student, whose
+config stays the teacher's, is narrower than its config says).
 With `masks=None` it is the stock BERT forward (eval mode, no dropout): tests hold it to the
 transformers implementation.
 """
@@ -66,7 +68,9 @@ def encode(
     act = ACT2FN[cfg.hidden_act]
     n_heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // n_heads
-    scale = 1.0 / math.sqrt(head_dim)
+    scale = 1.0 / math.sqrt(head_dim)  # the config's: a progressively slimmed student keeps it
+    if masks is not None:  # the student's current widths (progressive.py cuts it)
+        n_heads, head_dim = masks.qk.shape[1], masks.qk.shape[2]
     bsz, seq = input_ids.shape
 
     hid = masks.hidden if masks is not None else None

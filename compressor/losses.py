@@ -11,6 +11,7 @@ from torch import nn
 from compressor.data import Batch
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.prune.masks import Masks
+from compressor.prune.progressive import Units
 from compressor.recipe import DistillSpec
 
 
@@ -112,20 +113,32 @@ def loss_terms(
     maps: HiddenMaps,
     masks: Masks,
     batch: Batch,
+    units: Units | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms."""
+    """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms.
+    `units` (a progressively slimmed student) names the teacher's layer and heads of each of the
+    student's; None: the student has the teacher's shape."""
     att = batch.attention_mask
-    mapped = [0] + [i + 1 for i in range(masks.layers.numel()) if bool(masks.layers[i])]
+    teacher_layer = units.layers.tolist() if units is not None else range(masks.layers.numel())
+    # (student state, teacher state): the embeddings, then each layer that stays
+    mapped = [(0, 0)] + [
+        (i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if bool(masks.layers[i])
+    ]
     out: dict[str, torch.Tensor] = {}
     if d.hidden > 0:
         out["hidden"] = sum(
-            hidden_mse(maps(i, s.hidden_states[i]), t.hidden_states[i], att) for i in mapped
+            hidden_mse(maps(j, s.hidden_states[i]), t.hidden_states[j], att) for i, j in mapped
         ) / len(mapped)
     if d.attention > 0:
         layers = mapped[1:]
+
+        def teacher_attention(i: int, j: int) -> torch.Tensor:
+            a = t.attentions[j - 1]
+            return a if units is None else a[:, units.heads[i - 1].to(a.device)]
+
         out["attention"] = sum(
-            attention_kl(t.attentions[i - 1], s.attentions[i - 1], masks.heads[i - 1], att)
-            for i in layers
+            attention_kl(teacher_attention(i, j), s.attentions[i - 1], masks.heads[i - 1], att)
+            for i, j in layers
         ) / max(1, len(layers))
     if s.logits is not None and t.logits is not None:
         if d.prediction > 0:
@@ -166,6 +179,7 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.student, self.maps, self.fade = student, maps, fade
         self.with_logits = with_logits
+        self.units: Units | None = None  # set once the student is progressively slimmed
 
     def forward(
         self,
@@ -181,4 +195,4 @@ class StudentLoss(nn.Module):
         with autocast:
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
                        with_logits=self.with_logits, dropout=dropout)  # fmt: skip
-        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch)
+        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.units)

@@ -242,13 +242,18 @@ def _stages(
         return RunResult(run_dir, {"rank": distributed.rank(), "steps": result.steps_done})
 
     check_finite_weights(student, "the trained student")
-    plan = PrunePlan.from_masks(result.masks.to("cpu"), teacher.shape)
+    masks = result.masks.to("cpu")
+    if result.units is None:
+        plan = cut_plan = PrunePlan.from_masks(masks, teacher.shape)
+    else:  # a progressively slimmed student: plan.json in the teacher's indices
+        plan = PrunePlan.from_masks(result.units.in_teacher(masks, teacher.shape), teacher.shape)
+        cut_plan = PrunePlan.from_masks(masks, masks.tensor_shape())
     (run_dir / PLAN_FILE).write_text(plan.to_json())
-    slim_model = slim(student.cpu(), plan)
+    slim_model = slim(student.cpu(), cut_plan, score_head_dim=teacher.shape.head_dim)
     save_slim_model(slim_model, teacher.tokenizer, sentence_transformers_files(teacher.source_dir),
                     run_dir / MODEL_DIR)  # fmt: skip
     checks["masked_vs_slim_max_abs"] = check_slim_roundtrip(
-        student, result.masks.to("cpu"), run_dir / MODEL_DIR, corpus.heldout
+        student, masks, run_dir / MODEL_DIR, corpus.heldout
     )
     n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
     quality = shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data)

@@ -203,6 +203,11 @@ class PruningSpec(_Frozen):
         gt=1.0,
         description="required ratio of the median importance to the noise floor, per kind",
     )
+    progressive_slim: bool = Field(
+        False,
+        description="cut the pruned structures out of the student, its optimizer and importance"
+        " state at every pruning event, so that training gets cheaper as the student shrinks",
+    )
 
 
 class StudentSpec(_Frozen):

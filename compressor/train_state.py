@@ -10,6 +10,8 @@ bit for bit. Stored is only what the rest of the run can read:
 - the importance EMA only while a pruning step remains (after the last one nothing reads it).
   Until then it is kept whole, pruned entries included: they still add to the scores of the
   hidden dims they cross;
+- after a progressive slim (prune/progressive.py), the kept teacher indices (`units`): the run's
+  starting student, cut by them, is the base, and the removed entries' importance sums are kept;
 - every process's random generators (the CPU's, and the GPU's on CUDA);
 - never the teacher.
 """
@@ -119,11 +121,15 @@ def pruning_remains(r: Recipe, next_step: int) -> bool:
 def pack_importance(state: EmaState, r: Recipe, next_step: int) -> dict[str, Any] | None:
     if not pruning_remains(r, next_step):
         return None
-    return {
+    out = {
         "i_bar": {n: pack_delta(v) for n, v in state.i_bar.items()},
         "u_bar": {n: pack_delta(v) for n, v in state.u_bar.items()},
         "steps": state.steps,
     }
+    if state.removed:  # a progressive slim's removed entries (importance.py), whole
+        out["removed"] = {q: {k: v.cpu().clone() for k, v in d.items()}
+                          for q, d in state.removed.items()}  # fmt: skip
+    return out
 
 
 def unpack_importance(
@@ -133,7 +139,8 @@ def unpack_importance(
     if packed is None:
         return fresh
     ema = {k: {n: unpack_delta(v) for n, v in packed[k].items()} for k in ("i_bar", "u_bar")}
-    return EmaState.from_dict({**ema, "steps": packed["steps"]}, device)
+    removed = packed.get("removed")
+    return EmaState.from_dict({**ema, "steps": packed["steps"], "removed": removed}, device)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ min_signal_margin`), never from noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,12 +24,21 @@ from torch import nn
 from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
 from compressor.shapes import Shape
 
+REMOVED = "__removed__"  # key of the removed entries' structure sums among entry scores
+GHOST_KINDS = ("hidden", "qk", "vo", "heads", "ffn")
+
 
 @dataclass
 class EmaState:
+    """The EMA per entry. After a progressive slim (progressive.py) the entries cut out are gone,
+    but their EMA still adds to the scores of the structures they crossed, exactly as while they
+    were masked: `removed` keeps, per structure kind, their sums of I_bar ("i"), I_bar * U_bar
+    ("iu") and I_bar^2 ("ii"), which evolve in closed form (a removed weight is 0: its I is 0)."""
+
     i_bar: dict[str, torch.Tensor]
     u_bar: dict[str, torch.Tensor]
     steps: int = 0
+    removed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def zeros_like(cls, params: dict[str, torch.Tensor]) -> EmaState:
@@ -39,11 +48,13 @@ class EmaState:
         )
 
     def to_dict(self) -> dict:
-        return {"i_bar": self.i_bar, "u_bar": self.u_bar, "steps": self.steps}
+        return {"i_bar": self.i_bar, "u_bar": self.u_bar, "steps": self.steps,
+                "removed": self.removed}  # fmt: skip
 
     def reset(self) -> None:
         """Forget everything seen (before a fresh probe)."""
-        for v in [*self.i_bar.values(), *self.u_bar.values()]:
+        ghosts = [v for d in self.removed.values() for v in d.values()]
+        for v in [*self.i_bar.values(), *self.u_bar.values(), *ghosts]:
             v.zero_()
         self.steps = 0
 
@@ -52,12 +63,16 @@ class EmaState:
         def on(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: v.to(device) for k, v in t.items()}
 
-        return cls(on(d["i_bar"]), on(d["u_bar"]), int(d["steps"]))
+        removed = {k: on(v) for k, v in (d.get("removed") or {}).items()}
+        return cls(on(d["i_bar"]), on(d["u_bar"]), int(d["steps"]), removed)
 
     def mean_importance(self, b1: float) -> dict[str, torch.Tensor]:
         """I_bar without the start-up bias of an EMA begun at 0 (the mean |theta * grad| seen)."""
         correction = 1.0 - b1**self.steps if self.steps else 1.0
-        return {n: v / correction for n, v in self.i_bar.items()}
+        out = {n: v / correction for n, v in self.i_bar.items()}
+        if self.removed:
+            out[REMOVED] = {k: v / correction for k, v in self.removed["i"].items()}
+        return out
 
 
 def instant_importance(param: torch.Tensor, grad: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -83,10 +98,15 @@ def magnitudes(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def entry_scores(state: EmaState, uncertainty: bool) -> dict[str, torch.Tensor]:
-    """Final per-entry scores from the EMA state."""
-    if uncertainty:
-        return {n: state.i_bar[n] * state.u_bar[n] for n in state.i_bar}
-    return state.i_bar
+    """Final per-entry scores from the EMA state (and the removed entries' structure sums)."""
+    out = (
+        {n: state.i_bar[n] * state.u_bar[n] for n in state.i_bar}
+        if uncertainty
+        else dict(state.i_bar)
+    )
+    if state.removed:
+        out[REMOVED] = state.removed["iu" if uncertainty else "i"]
+    return out
 
 
 @torch.no_grad()
@@ -97,7 +117,19 @@ def update_state(
         ema_update(
             state.i_bar[name], state.u_bar[name], instant_importance(p, p.grad, kind), b1, b2
         )
+    if state.removed:
+        advance_removed(state.removed, b1, b2)
     state.steps += 1
+
+
+@torch.no_grad()
+def advance_removed(removed: dict[str, dict[str, torch.Tensor]], b1: float, b2: float) -> None:
+    """One EMA update of removed entries (I = 0): I_bar' = b1 I_bar, U_bar' = b2 U_bar + (1 - b2)
+    b1 I_bar, so the sums go i' = b1 i, iu' = b1 b2 iu + b1^2 (1 - b2) ii, ii' = b1^2 ii."""
+    for k in removed["i"]:
+        removed["i"][k].mul_(b1)
+        removed["iu"][k].mul_(b1 * b2).add_(removed["ii"][k], alpha=b1 * b1 * (1 - b2))
+        removed["ii"][k].mul_(b1 * b1)
 
 
 def noise_floor(noise_scores: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -129,7 +161,8 @@ def structure_scores(
 ) -> dict[str, torch.Tensor]:
     """Sum entry scores over every tensor each structure spans (the coupling of masks.py). The
     hidden dims sum over the layers that stay (`layers_kept`; all when None): a layer fading out
-    is deleted, so its weights say nothing about which hidden dims matter."""
+    is deleted, so its weights say nothing about which hidden dims matter. `entry[REMOVED]`, when
+    present, adds the sums of entries a progressive slim cut out."""
     by_tensor = {id(p): entry[n] for n, p in model.named_parameters() if n in entry}
 
     def s(t: torch.Tensor) -> torch.Tensor:
@@ -168,13 +201,16 @@ def structure_scores(
         d, ln = head.transform.dense, head.transform.LayerNorm
         hidden += s(d.weight).sum(0) + s(d.weight).sum(1) + s(d.bias) + s(ln.weight) + s(ln.bias)
     qk_t, vo_t = torch.stack(qk), torch.stack(vo)
-    return {
+    out = {
         "hidden": hidden,
         "qk": qk_t,
         "vo": vo_t,
         "heads": qk_t.sum(2) + vo_t.sum(2),
         "ffn": torch.stack(ffn),
     }
+    if REMOVED in entry:
+        out = {k: v + entry[REMOVED][k] for k, v in out.items()}
+    return out
 
 
 def truncation_scores(full: Shape) -> dict[str, torch.Tensor]:

@@ -64,6 +64,17 @@ class Masks:
     def vo_rows(self, layer: int) -> torch.Tensor:
         return (self.vo[layer] & self.heads[layer, :, None]).flatten()
 
+    def tensor_shape(self) -> Shape:
+        """The widths the masks span: the student's tensors (the teacher's until a progressive
+        slim cuts them)."""
+        return Shape(
+            layers=self.layers.numel(),
+            hidden=self.hidden.numel(),
+            heads=self.heads.shape[1],
+            head_dim=self.qk.shape[2],
+            ffn=self.ffn.shape[1],
+        )
+
     def widths(self) -> Shape:
         """Current alive widths (uniform by construction); a fading layer still counts."""
         alive = self.heads

@@ -66,3 +66,17 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     if warmup and step < warmup:
         return base_lr * (step + 1) / warmup
     return base_lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def shapes_by_step(full: Shape, target: Shape, kind: str, start: int, end: int, interval: int,
+                   steps: int) -> list[Shape]:  # fmt: skip
+    """The widths the student computes at, step by step, when every pruning event cuts what it
+    pruned (progressive slimming): the widths of the last event so far (the layers chosen for
+    removal count until their fade reaches 0, as in `widths_at`). Masking alone computes at
+    `full` every step."""
+    out, current = [], full
+    for step in range(steps):
+        if is_pruning_step(step, start, end, interval, kind):
+            current = widths_at(step, full, target, kind, start, end)
+        out.append(current)
+    return out

@@ -91,15 +91,17 @@ class PrunePlan:
 
 
 @torch.no_grad()
-def slim(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """A new, dense model of the plan's shape with the kept weights of `model`."""
+def slim(model: nn.Module, plan: PrunePlan, score_head_dim: int | None = None) -> nn.Module:
+    """A new, dense model of the plan's shape with the kept weights of `model` (whose shape is the
+    plan's `teacher_shape`). `score_head_dim`: the head size of `model`'s attention scale, when it
+    is not its own (a progressively slimmed student keeps its teacher's)."""
     s, t_shape = plan.shape, plan.teacher_shape
     cfg = copy.deepcopy(model.config)
     cfg.num_hidden_layers, cfg.hidden_size = s.layers, s.hidden
     cfg.num_attention_heads, cfg.intermediate_size = s.heads, s.ffn
     out = type(model)(cfg).to(next(model.parameters()).dtype).eval()
     h = torch.tensor(plan.hidden)
-    q_scale = math.sqrt(s.head_dim / t_shape.head_dim)
+    q_scale = math.sqrt(s.head_dim / (score_head_dim or t_shape.head_dim))
 
     src, dst = base_model(model).embeddings, base_model(out).embeddings
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
