@@ -53,6 +53,20 @@ def widths_at(step: int, full: Shape, target: Shape, kind: str, start: int, end:
     )
 
 
+def widths_in_force(
+    step: int, full: Shape, target: Shape, kind: str, start: int, end: int, interval: int
+) -> Shape:
+    """The widths the student trains at during `step`: those of the last pruning event at or
+    before it (the full widths before the first)."""
+    if step < start:
+        return full
+    if kind == "one_shot" or step >= end:
+        last = start if kind == "one_shot" else end
+    else:
+        last = start + (step - start) // interval * interval
+    return widths_at(last, full, target, kind, start, end)
+
+
 def layer_fade(step: int, kind: str, start: int, end: int) -> float:
     """Fade of a layer chosen for removal: 1 = the layer as trained, 0 = identity (removable).
 
