@@ -27,14 +27,11 @@ class Budget:
 def recipe_budget(r: Recipe, full: Shape, mlm_vocab: int) -> Budget:
     """The budget of recipe `r` for a teacher of shape `full` (with an MLM head over `mlm_vocab`
     tokens, or 0): every step at the widths the schedule holds during it."""
-    p, target = r.pruning, r.target.shape()
-
-    def widths(step: int) -> Shape:
-        return schedule.widths_in_force(step, full, target, p.schedule, p.start_step,
-                                        p.end_step, p.interval)  # fmt: skip
-
-    sequences = r.train.batch_size * r.train.grad_accum
-    flops = budget_flops(full, widths, r.train.steps, sequences, r.data.max_length, mlm_vocab)
+    p, t = r.pruning, r.train
+    runs = schedule.width_runs(t.steps, full, r.target.shape(), p.schedule, p.start_step,
+                               p.end_step, p.interval)  # fmt: skip
+    sequences = t.batch_size * t.grad_accum
+    flops = budget_flops(full, runs, sequences, r.data.max_length, mlm_vocab)
     return Budget(r.train.steps, sequences, r.data.max_length, flops)
 
 

@@ -23,8 +23,6 @@ number of devices).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from compressor.shapes import Shape
 
 # peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendor's data sheets, matched as a
@@ -64,22 +62,11 @@ def step_flops(teacher: Shape, student: Shape, seq: int, mlm_vocab: int = 0) -> 
 
 
 def budget_flops(
-    teacher: Shape,
-    widths_at_step: Callable[[int], Shape],
-    steps: int,
-    sequences: int,
-    seq: int,
-    mlm_vocab: int = 0,
+    teacher: Shape, runs: list[tuple[Shape, int]], sequences: int, seq: int, mlm_vocab: int = 0
 ) -> int:
-    """Model FLOPs of a whole run: `steps` steps of `sequences` sequences, the student at the
-    widths `widths_at_step(step)` holds during each step (the schedule's width curve)."""
-    total, cache = 0, {}
-    for step in range(steps):
-        w = widths_at_step(step)
-        if w not in cache:
-            cache[w] = step_flops(teacher, w, seq, mlm_vocab)
-        total += cache[w]
-    return total * sequences
+    """Model FLOPs of a whole run of `sequences` sequences a step, the student at the widths of
+    each run of steps (schedule.width_runs: the schedule's width curve)."""
+    return sequences * sum(n * step_flops(teacher, w, seq, mlm_vocab) for w, n in runs)
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

@@ -2,6 +2,7 @@
 the budget over the schedule's width curve; MFU and the device peaks; `recipe check`'s budget."""
 
 import copy
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -88,6 +89,23 @@ def test_widths_in_force_hold_between_pruning_events():
     assert one == [full, target, target]
 
 
+def test_width_runs_are_the_widths_in_force_step_by_step():
+    full, target = Shape(6, 384, 12, 32, 1536), Shape(2, 128, 4, 32, 256)
+    for kind, start, end, interval, steps in [("cubic", 2, 40, 3, 50), ("linear", 0, 9, 1, 9),
+                                              ("one_shot", 5, 5, 1, 12), ("cubic", 0, 7, 7, 3)]:  # fmt: skip
+        runs = schedule.width_runs(steps, full, target, kind, start, end, interval)
+        flat = [w for w, n in runs for _ in range(n)]
+        assert flat == [schedule.widths_in_force(s, full, target, kind, start, end, interval)
+                        for s in range(steps)]  # fmt: skip
+        assert all(a != b for (a, _), (b, _) in itertools.pairwise(runs))
+
+
+def test_a_huge_budget_is_computed_from_its_runs_not_step_by_step():
+    full, target = Shape(12, 768, 12, 64, 3072), Shape(6, 384, 12, 32, 1536)
+    runs = schedule.width_runs(10**15, full, target, "cubic", 0, 10**12, 1)
+    assert sum(n for _, n in runs) == 10**15 and runs[-1] == (target, 10**15 - 10**12)
+
+
 def test_the_budget_follows_the_width_curve():
     full, target = Shape(6, 384, 12, 32, 1536), Shape(2, 128, 4, 32, 256)
     r = load_recipe(RECIPES / "tiny-test.yaml")
@@ -99,9 +117,9 @@ def test_the_budget_follows_the_width_curve():
         for s in range(r.train.steps)
     ]  # fmt: skip
     assert b.flops == 4 * sum(per_step) and b.tokens == 8 * 4 * 32
-    at_full = budget_flops(full, lambda s: full, 8, 4, 32)
-    at_target = budget_flops(full, lambda s: target, 8, 4, 32)
-    assert at_target < b.flops < at_full
+    assert (
+        budget_flops(full, [(target, 8)], 4, 32) < b.flops < budget_flops(full, [(full, 8)], 4, 32)
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """SIGKILL a real `compress run` mid-training, resume it, and get the uninterrupted model; the same
 for a run that streams its text from a local file, which must continue at the exact next sequence."""
 
+import json
 import os
 import signal
 import subprocess
@@ -22,23 +23,35 @@ CLI = [sys.executable, "-m", "compressor"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def kill_after_a_checkpoint(recipe: Path, output: Path) -> Path:
-    """Start `compress run RECIPE`, SIGKILL it once a checkpoint exists; its run directory."""
+def kill_after_a_checkpoint(recipe: Path, output: Path, after_step: int = 0) -> Path:
+    """Start `compress run RECIPE`, SIGKILL it once a checkpoint exists and step `after_step` is
+    logged (its checkpoint, when it writes one, comes after that record); its run directory."""
+    log = (output.parent / f"{output.name}.log").open("w+")
     proc = subprocess.Popen([*CLI, "run", str(recipe), "--output", str(output)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     deadline = time.time() + 300
     ckpts = []
     while time.time() < deadline and proc.poll() is None:
         ckpts = list(output.glob("*/*/checkpoint.pt"))
-        if ckpts:
+        if ckpts and logged_step(ckpts[0].parent) >= after_step:
             break
         time.sleep(0.05)
-    assert ckpts, "no checkpoint appeared before the run ended"
+    if not (ckpts and proc.poll() is None):
+        log.seek(0)
+        raise AssertionError(f"the run ended or timed out before the kill: {log.read()[-2000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     run_dir = ckpts[0].parent
     assert not (run_dir / "summary.json").exists()  # it really died mid-training
     return run_dir
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step in the run's metrics.jsonl (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    steps = [json.loads(x)["step"] for x in lines if x.endswith("}") and '"loss_total"' in x]
+    return max(steps, default=0)
 
 
 def resume(run_dir: Path) -> None:
@@ -84,13 +97,14 @@ def test_a_streamed_run_killed_and_resumed_continues_at_the_next_sequence(tmp_pa
                    "shuffle_buffer": 16, "max_length": 32, "heldout": 4, "quality_texts": 8}  # fmt: skip
     raw["train"].update(steps=16, checkpoint_every=2)
     raw["pruning"].update(end_step=10, interval=2)
-    raw["export"] = {"onnx": False}
+    raw["export"], raw["bench"] = {"onnx": False}, {"enabled": False}
     recipe = tmp_path / "tiny-stream-kill.yaml"
     recipe.write_text(yaml.safe_dump(raw))
 
-    run_dir = kill_after_a_checkpoint(recipe, tmp_path / "killed")
+    run_dir = kill_after_a_checkpoint(recipe, tmp_path / "killed", after_step=11)
     saved = load_checkpoint(run_dir)
-    assert saved.step > 0 and saved.data is not None  # a stream position past the start
+    # killed past step 11: the checkpoint of step 10 or later, a stream position past a window
+    assert saved.step >= 10 and (saved.data["epoch"], saved.data["window"]) >= (0, 1)
     resume(run_dir)
     straight = pipeline.run(recipe, output=tmp_path / "straight", register=False)
 
