@@ -144,6 +144,7 @@ def throughput(run_dir: Path, device: str) -> dict[str, object]:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained),
         "peak_memory": peak,
         "mfu": statistics.median(mfu) if mfu else f"n/a ({mfu_absent(device)})",
+        "mfu_max": max(mfu) if mfu else "n/a",  # near the full width, before the student shrinks
         "mfu_logged_records": len(mfu),
     }
 
@@ -157,10 +158,11 @@ def bf16_checks(recipe, teacher: Teacher, sample, device: torch.device) -> dict[
     """Under bf16 autocast on `device`: the teacher's stock forward vs the masked forward with full
     masks (the step-0 identity), and the masked forward at the target shape vs the slim model
     (masked == slimmed). Each max abs diff over real tokens, relative to the reference's scale."""
-    model = teacher.model.to(device).eval()
+    model = teacher.model.cpu().eval()  # masks and slimming on the CPU, as the pipeline does
+    masks = pipeline.magnitude_masks_at_target(recipe, teacher)
+    slim_model = slim(model, PrunePlan.from_masks(masks, teacher.shape)).to(device)
+    model, masks = model.to(device), masks.to(device)
     ids, att = sample["input_ids"].to(device), sample["attention_mask"].to(device)
-    masks = pipeline.magnitude_masks_at_target(recipe, teacher).to(device)
-    slim_model = slim(model, PrunePlan.from_masks(masks.to("cpu"), teacher.shape)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         stock = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
         full = encode(model, ids, att, Masks.full(teacher.shape, device))
