@@ -28,6 +28,7 @@ from compressor.checkpoint import TrainingState, load_checkpoint, save_checkpoin
 from compressor.checks import check_finite_losses, check_progressive_slim
 from compressor.data import Batch, Corpus, mask_tokens
 from compressor.errors import CheckFailed, Interrupted, RecipeError
+from compressor.flops import mfu, peak_bf16_flops, step_flops
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import (
     HiddenMaps,
@@ -189,6 +190,9 @@ def distill(
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
     tokens, since, rate = 0, time.perf_counter(), 0.0  # throughput since the last log record
+    flops, use = 0, None  # model FLOPs since the last log record; MFU on a CUDA device we know
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    mlm_vocab = teacher.vocab.vocab if teacher.has_mlm_head else 0
     with graceful_interrupt() as interrupted:
         for step in bar:
             lr = schedule.lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
@@ -257,9 +261,11 @@ def distill(
             # a slimmed student's masks are all alive, but it is no longer its teacher
             identity = units is None and is_teacher_copy(recipe, masks, optimizer)
             share = [] if identity else distributed.my_share(step_batches)
+            shapes = []  # (sequences, length) of each micro-batch, for the model FLOPs
             for n, (micro, batch) in enumerate(share):
                 batch = prepare(batch, teacher, recipe, step, micro)
                 tokens += int(batch.attention_mask.sum())  # real tokens, counted on the host
+                shapes.append(tuple(batch.input_ids.shape))
                 batch = batch.to(device)
                 with torch.no_grad(), autocast:
                     t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
@@ -287,23 +293,30 @@ def distill(
 
             # 4. metrics, held-out discrepancy, checkpoint
             done = step + 1
-            alive = replace(masks, fade=fade.detach()).widths()
+            alive = replace(masks, fade=fade.detach()).widths()  # the widths of this step
+            flops += sum(n * step_flops(full, alive, t, mlm_vocab) for n, t in shapes)
             n_params = param_count(alive, teacher.vocab, pooler(student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
                 # each process holds its share of the mean losses and of the tokens
-                terms = distributed.sum_over_ranks({**terms, "tokens": tokens})
-                rate = terms.pop("tokens") / (time.perf_counter() - since)  # wall clock
-                tokens, since = 0, time.perf_counter()
-                flag = {"identity_step": True} if identity else {}
-                log.write({"step": done, "lr": lr, **terms, **flag, "params": n_params,
+                terms = distributed.sum_over_ranks({**terms, "tokens": tokens, "flops": flops})
+                seconds = time.perf_counter() - since  # wall clock
+                rate, done_flops = terms.pop("tokens") / seconds, terms.pop("flops")
+                use = mfu(done_flops, seconds, peak, distributed.world_size()) if peak else None
+                tokens, flops, since = 0, 0, time.perf_counter()
+                extra = {"identity_step": True} if identity else {}
+                if use is not None:  # on a CUDA device of known peak
+                    extra["mfu"] = round(use, 4)
+                log.write({"step": done, "lr": lr, **terms, **extra, "params": n_params,
                            "tokens_per_s": round(rate, 1), **alive.to_dict()})  # fmt: skip
             if main and (done % tr.eval_every == 0 or done == tr.steps):
                 ev = evaluate(done, teacher, student, maps, replace(masks, fade=fade.detach()),
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
+                shown = {"mfu": f"{use:.1%}"} if use is not None else {}
                 bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
-                                params=f"{n_params / 1e6:.1f}M", tok_s=f"{rate:.0f}")  # fmt: skip
+                                params=f"{n_params / 1e6:.1f}M", tok_s=f"{rate:.0f}",
+                                **shown)  # fmt: skip
             stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
             if done % tr.checkpoint_every == 0 or stop or done == last:
                 checkpoint(done)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.budget import recipe_budget
 from compressor.errors import RecipeError
 from compressor.prune import schedule
-from compressor.recipe import Recipe, load_recipe, teacher_problems
+from compressor.recipe import Recipe, load_recipe, teacher_problems, with_overrides
 from compressor.shapes import Shape, Vocab, config_has_mlm_head, param_count
 from compressor.teacher import read_teacher_config
 
 
-def plan_report(path: Path) -> str:
-    recipe = load_recipe(path)
+def plan_report(path: Path, overrides: list[str] = ()) -> str:
+    """The recipe at `path` (with `section.key=value` overrides) validated and described: teacher
+    and student, the widths along the schedule, how decisions are taken, the budget."""
+    recipe = with_overrides(load_recipe(path), list(overrides))
     cfg = read_teacher_config(recipe.teacher)
     lines = [f"recipe {path}: valid", f"  name: {recipe.name}"]
     target = recipe.target.shape()
@@ -23,6 +26,11 @@ def plan_report(path: Path) -> str:
         )
         vocab = Vocab()
         lines.append(f"  student: {target.label()}, {param_count(target, vocab) / 1e6:.1f}M params")
+        lines.append(f"  budget: {tokens_line(recipe)}")
+        lines.append(
+            "  training FLOPs: need the teacher's config (e.g. --set teacher.source=local"
+            " --set teacher.id=DIR with its config.json)"
+        )
         return "\n".join(lines)
     problems = teacher_problems(recipe, cfg)
     if problems:
@@ -51,7 +59,21 @@ def plan_report(path: Path) -> str:
         )
     lines.append(f"  decisions: {decision_policy(recipe)}")
     lines.append(f"  training memory (rough, fp32): {memory_estimate_gb(recipe, full, n_t):.1f} GB")
+    budget = recipe_budget(recipe, full, vocab.vocab if mlm else 0)
+    lines.append(f"  budget: {tokens_line(recipe)}")
+    lines.append(
+        f"  training FLOPs: {budget.flops:.3g} (model FLOPs: student forward + backward at the"
+        " schedule's widths, hidden-state maps, teacher forward; compressor/flops.py)"
+    )
     return "\n".join(lines)
+
+
+def tokens_line(r: Recipe) -> str:
+    b = recipe_budget(r, r.target.shape(), 0)  # tokens do not depend on the shapes
+    return (
+        f"{b.steps} steps x {b.sequences} sequences ({r.train.batch_size} x grad_accum"
+        f" {r.train.grad_accum}) x {b.seq} tokens = {b.tokens:,} tokens ({b.tokens:.3g})"
+    )
 
 
 def decision_policy(r: Recipe) -> str:

@@ -9,10 +9,11 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from compressor.deploy.bench import benchmark, encoder_flops
+from compressor.deploy.bench import benchmark
 from compressor.deploy.export import export_onnx, save_samples
 from compressor.deploy.verify import Tolerance, verify_export, write_and_gate
 from compressor.errors import CheckFailed
+from compressor.flops import encoder_flops
 from compressor.rundir import INT8_FILE, ONNX_FILE
 from compressor.shapes import Shape
 from tests.conftest import tiny_bert

@@ -124,11 +124,20 @@ def recipe_group() -> None:
 
 @recipe_group.command("check")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-def recipe_check_cmd(recipe: Path) -> None:
-    """Validate RECIPE without loading weights and print its plan."""
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a key of RECIPE, as `compress run --set` does (repeatable).")  # fmt: skip
+@click.option("--probe", is_flag=True,
+              help="Also time a few training micro-batches on the recipe's device (loads the"
+                   " teacher) and print the predicted wall time.")  # fmt: skip
+def recipe_check_cmd(recipe: Path, overrides: tuple[str, ...], probe: bool) -> None:
+    """Validate RECIPE without loading weights; print its plan and budget (tokens, FLOPs)."""
     from compressor.plan_report import plan_report
 
-    click.echo(plan_report(recipe))
+    click.echo(plan_report(recipe, list(overrides)))
+    if probe:
+        from compressor.step_probe import wall_time_report
+
+        click.echo(wall_time_report(recipe, list(overrides)))
 
 
 main.add_command(zoo_group)

@@ -28,14 +28,8 @@ import numpy as np
 
 from compressor.deploy.runtime import onnx_providers, ort_session
 from compressor.environment import cpu_model, package_versions
+from compressor.flops import encoder_flops
 from compressor.shapes import Shape
-
-
-def encoder_flops(s: Shape, seq: int) -> int:
-    """Multiply-adds x 2 of one sequence through the encoder layers (embeddings/heads excluded)."""
-    d, a, i, t = s.hidden, s.attn_width, s.ffn, seq
-    per_layer = 2 * t * d * a * 3 + 2 * t * t * a * 2 + 2 * t * a * d + 2 * t * d * i * 2
-    return s.layers * per_layer
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:

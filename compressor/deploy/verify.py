@@ -38,6 +38,7 @@ class VerifyReport:
     passed: bool = True
     checks: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)  # onnxruntime's, in order of preference
 
     def fail(self, message: str) -> None:
         self.passed = False
@@ -60,12 +61,15 @@ def verify_export(
     tol: Tolerance,
     outputs: dict[str, str] | None = None,
     samples_dir: Path | None = None,
+    cpu_only: bool = True,
 ) -> VerifyReport:
     """Run every stored sample (from `samples_dir`, default `export_dir`) through onnxruntime and
     compare each graph output named in `outputs` with its stored PyTorch reference (default: every
-    reference but the sentence embedding, each under its own name)."""
+    reference but the sentence embedding, each under its own name). On the CPU provider unless
+    `cpu_only` is false and this onnxruntime has the CUDA provider."""
     report = VerifyReport(model=onnx_file)
-    sess = ort_session(export_dir / onnx_file)
+    sess = ort_session(export_dir / onnx_file, cpu_only=cpu_only)
+    report.providers = sess.get_providers()
     feed_names = {i.name for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     agreements: list[float] = []

@@ -53,6 +53,41 @@ def widths_at(step: int, full: Shape, target: Shape, kind: str, start: int, end:
     )
 
 
+def widths_in_force(
+    step: int, full: Shape, target: Shape, kind: str, start: int, end: int, interval: int
+) -> Shape:
+    """The widths the student trains at during `step`: those of the last pruning event at or
+    before it (the full widths before the first)."""
+    if step < start:
+        return full
+    if kind == "one_shot" or step >= end:
+        last = start if kind == "one_shot" else end
+    else:
+        last = start + (step - start) // interval * interval
+    return widths_at(last, full, target, kind, start, end)
+
+
+def width_runs(
+    steps: int, full: Shape, target: Shape, kind: str, start: int, end: int, interval: int
+) -> list[tuple[Shape, int]]:
+    """The widths in force over steps 0..steps-1 as runs of (widths, number of steps), in order.
+    Widths never grow, so each run's end is found by bisection: the cost grows with the number of
+    distinct widths, not with the steps."""
+
+    def at(step: int) -> Shape:
+        return widths_in_force(step, full, target, kind, start, end, interval)
+
+    runs, step = [], 0
+    while step < steps:
+        current, lo, hi = at(step), step, steps - 1
+        while lo < hi:  # the last step at `current`
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if at(mid) == current else (lo, mid - 1)
+        runs.append((current, lo - step + 1))
+        step = lo + 1
+    return runs
+
+
 def layer_fade(step: int, kind: str, start: int, end: int) -> float:
     """Fade of a layer chosen for removal: 1 = the layer as trained, 0 = identity (removable).
 
