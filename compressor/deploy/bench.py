@@ -141,11 +141,11 @@ def fp32_speedup(bench: dict[str, Any] | None) -> float | None:
 
 
 def format_table(bench: dict[str, Any]) -> str:
-    head = f"{'runtime':<12} {'batch':>5} {'seq':>4} {'teacher p50':>12} {'student p50':>12} {'speedup':>8} {'FLOP ratio':>10} {'of ideal':>8}"
+    head = f"{'runtime':<24} {'batch':>5} {'seq':>4} {'teacher p50':>12} {'student p50':>12} {'speedup':>8} {'FLOP ratio':>10} {'of ideal':>8}"
     lines = [head, "-" * len(head)]
     for r in bench["results"]:
         lines.append(
-            f"{r['runtime']:<12} {r['batch']:>5} {r['seq']:>4} {r['teacher_ms']['p50']:>10.2f}ms"
+            f"{r['runtime']:<24} {r['batch']:>5} {r['seq']:>4} {r['teacher_ms']['p50']:>10.2f}ms"
             f" {r['student_ms']['p50']:>10.2f}ms {r['speedup_p50']:>7.2f}x {r['flop_ratio']:>9.2f}x"
             f" {r['speedup_over_flop_ratio']:>7.0%}"
         )
