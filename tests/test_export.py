@@ -94,8 +94,8 @@ def test_fused_graphs_run_layer_norm_not_the_slow_skip_layer_norm(tmp_path, pack
 def test_int8_keeps_the_real_teachers_embeddings_on_real_text(tmp_path, packaged_teacher):
     """The packaged all-MiniLM-L6-v2 (real weights, the 6L/384H/12A/1536I student shape of the
     latency table): its int8 graph against PyTorch fp32 on 16 Wikipedia summaries, mean-pooled
-    embedding cosine >= 0.99. Not the per-value tolerance: single int8 values of this model
-    move by several units (its hidden states: std 0.27, max |value| 5.8 on these texts)."""
+    embedding cosine >= 0.99. Not the per-value tolerance: the value check covers padded
+    positions too, where int8 moves this model's states by up to 6.3 (0.54 at real tokens)."""
     model_dir, onnx_dir = tmp_path / "model", tmp_path / "onnx"
     packaged_teacher.model.save_pretrained(model_dir)
     packaged_teacher.tokenizer.save_pretrained(model_dir)
