@@ -233,11 +233,11 @@ def noise_line(bench: dict[str, Any]) -> str | None:
 
 
 def format_table(bench: dict[str, Any]) -> str:
-    head = f"{'runtime':<16} {'batch':>5} {'seq':>4} {'teacher p50':>15} {'student p50':>15} {'speedup':>8} {'FLOP ratio':>10} {'of ideal':>8}"
+    head = f"{'runtime':<24} {'batch':>5} {'seq':>4} {'teacher p50':>15} {'student p50':>15} {'speedup':>8} {'FLOP ratio':>10} {'of ideal':>8}"
     lines = [head, "-" * len(head)]
     for r in bench["results"]:
         lines.append(
-            f"{r['runtime']:<16} {r['batch']:>5} {r['seq']:>4} {spread_text(r['teacher_ms']):>15}"
+            f"{r['runtime']:<24} {r['batch']:>5} {r['seq']:>4} {spread_text(r['teacher_ms']):>15}"
             f" {spread_text(r['student_ms']):>15} {r['speedup_p50']:>7.2f}x {r['flop_ratio']:>9.2f}x"
             f" {r['speedup_over_flop_ratio']:>7.0%}" + ("  NOISY" if r.get("noisy") else "")
         )

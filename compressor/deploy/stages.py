@@ -107,7 +107,7 @@ def summarize(reports) -> dict[str, Any]:
 
 def cached_teacher_export(teacher: Teacher, int8: bool, optimize: bool) -> Path:
     """HF dir + ONNX export of the teacher, built once per teacher content and export setting."""
-    d = cache_root() / "teachers" / f"{teacher_key(teacher)}{'-fused' if optimize else ''}"
+    d = cache_root() / "teachers" / f"{teacher_key(teacher)}{'-fused-sumln' if optimize else ''}"
     hf_dir, onnx_dir = d / "hf", d / ONNX_DIR
     if not (onnx_dir / ONNX_FILE).exists():
         teacher.model.cpu().save_pretrained(hf_dir, safe_serialization=True)
