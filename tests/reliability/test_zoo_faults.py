@@ -311,6 +311,8 @@ def test_resuming_a_finished_run_points_to_zoo_add(tmp_path):
     from compressor import pipeline
 
     run = synthetic_run(tmp_path / "run", "r")
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    (run / SUMMARY_FILE).write_text(json.dumps({**summary, "export": {"verify": {}}}))  # exported
     with pytest.raises(RunDirError, match=rf"already finished.*compress zoo add {run}"):
         pipeline.resume(run)
 
