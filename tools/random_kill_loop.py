@@ -95,7 +95,8 @@ def main() -> int:
 
     zoo = out / "zoo"
     episode = 0
-    while counts["kills"] < args.kills and episode < args.max_episodes:
+    deadline = time.time() + (args.budget or float("inf"))
+    while counts["kills"] < args.kills and episode < args.max_episodes and time.time() < deadline:
         episode += 1
         runs = out / f"episode-{episode}"
         run_dir, done, attempt = None, False, 0
@@ -109,6 +110,7 @@ def main() -> int:
                 cmd = [*CLI, "run", "--resume", str(run_dir), "--zoo", str(zoo)]
             counts["resumes"] += run_dir is not None
             killable = counts["kills"] < args.kills and attempt <= args.max_attempts
+            killable = killable and time.time() < deadline  # then the episode runs to its end
             trigger = rng.choices(list(TRIGGERS), list(TRIGGERS.values()))[0] if killable else None
             since = time.time()
             code, log = attempt_once(cmd, trigger, rng, total, runs, zoo, counts)
@@ -164,6 +166,8 @@ def parse_args() -> argparse.Namespace:
                    help="time kills fall in [0, WINDOW] s (default: the reference's wall time)")  # fmt: skip
     p.add_argument("--max-attempts", type=int, default=12, help="kills per episode at most")
     p.add_argument("--max-episodes", type=int, default=20)
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds after which no more kills are made (the episode then finishes)")  # fmt: skip
     return p.parse_args()
 
 
