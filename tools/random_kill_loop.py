@@ -64,11 +64,11 @@ from compressor.rundir import (  # noqa: E402
     SUMMARY_FILE,
     VERIFY_FILE,
 )
+from compressor.zoo.store import STAGING  # noqa: E402 - registrations in progress
 
 CLI = [sys.executable, "-m", "compressor"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TRIGGERS = {"time": 0.4, "checkpoint": 0.2, "export": 0.2, "register": 0.2}
-STAGING = ".staging"  # the zoo's registrations in progress (zoo/store.py)
 TRACEBACK = "Traceback (most recent call last)"
 POLL = 0.01  # seconds between looks at the run directory
 
