@@ -35,9 +35,11 @@ results: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget \
 		--reuse 1=runs/baselines/runs
 
-# the reliability suite with thousands of fuzzed inputs (tests/reliability/conftest.py: profiles)
+# the reliability suite with thousands of fuzzed inputs (tests/reliability/conftest.py: profiles),
+# then 30 SIGKILLs of real tiny runs, each resumed and compared with an uninterrupted run
 stress: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYPOTHESIS_PROFILE=stress $(BIN)/pytest -q tests/reliability
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYPOTHESIS_PROFILE=stress $(BIN)/pytest -q -s tests/reliability
+	OMP_NUM_THREADS=1 $(BIN)/python tools/random_kill_loop.py --kills 30 --out runs/random-kill-loop
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

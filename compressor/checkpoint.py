@@ -174,7 +174,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def remove_checkpoints(run_dir: Path) -> None:
-    for name in (CHECKPOINT_FILE, CHECKPOINT_PREV_FILE):
+    """The checkpoints, and one whose write was killed midway (its temporary file)."""
+    for name in (CHECKPOINT_FILE, CHECKPOINT_PREV_FILE, CHECKPOINT_FILE + CHECKPOINT_TMP_SUFFIX):
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 

@@ -69,13 +69,17 @@ def resume_command(run_dir, processes: int = 1) -> str:
 class Interrupted(CompressError):
     """Ctrl-C or SIGTERM stopped a run: says where it is and how to resume. Exits 128 + signal."""
 
-    def __init__(self, run_dir, has_checkpoint: bool, signum: int = 2, processes: int = 1):
+    def __init__(
+        self, run_dir, has_checkpoint: bool, signum: int = 2, processes: int = 1,
+        trained: bool = False,
+    ):  # fmt: skip
         self.run_dir = run_dir
         self.has_checkpoint = has_checkpoint
         self.exit_code = 128 + int(signum)
-        where = (
-            "from its last checkpoint"
-            if has_checkpoint
-            else "from step 0 (it stopped before its first checkpoint)"
-        )
+        if trained:  # stopped in export, verification, benchmark or registration
+            where, processes = "after training (export and registration start again)", 1
+        elif has_checkpoint:
+            where = "from its last checkpoint"
+        else:
+            where = "from step 0 (it stopped before its first checkpoint)"
         super().__init__(f"interrupted; resume {where} with: {resume_command(run_dir, processes)}")

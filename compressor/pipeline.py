@@ -178,10 +178,7 @@ def resume(
     """Continue a run from its last checkpoint, with the recipe it was started with."""
     run_dir = require_run_dir(run_dir)
     if (run_dir / SUMMARY_FILE).exists():
-        raise RunDirError(
-            f"{run_dir}: this run already finished (see {SUMMARY_FILE}); if it is not in the"
-            f" zoo yet, register it with: compress zoo add {run_dir}"
-        )
+        return finish_deployment(run_dir, teacher, zoo, register)
     # none left good, or written by another number of processes: say so before loading more
     check_same_processes(load_checkpoint(run_dir, warn=lambda _: None), run_dir)
     recipe = load_run_recipe(run_dir)
@@ -202,10 +199,16 @@ def _execute(
     try:
         return _stages(recipe, run_dir, device, teacher, stop_after, zoo, register)
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one outside the training loop
-        signum = int(err.args[0]) if err.args else signal.SIGINT
-        raise Interrupted(
-            run_dir, has_checkpoint(run_dir), signum, distributed.world_size()
-        ) from None
+        raise interrupted(run_dir, err) from None
+
+
+def interrupted(run_dir: Path, err: KeyboardInterrupt) -> Interrupted:
+    """What a Ctrl-C or SIGTERM (in `err.args`) outside the training loop stopped."""
+    signum = int(err.args[0]) if err.args else signal.SIGINT
+    trained = (run_dir / SUMMARY_FILE).exists()
+    return Interrupted(
+        run_dir, has_checkpoint(run_dir), signum, distributed.world_size(), trained=trained
+    )
 
 
 def _stages(
@@ -279,6 +282,13 @@ def _stages(
         device=str(device),
     )
     write_summary(run_dir, summary)
+    return deploy_and_register(recipe, run_dir, teacher, zoo, register)
+
+
+def deploy_and_register(
+    recipe: Recipe, run_dir: Path, teacher: Teacher | None, zoo: Path | None, register: bool
+) -> RunResult:
+    """The stages after summary.json: export -> verify -> benchmark, the gates, registration."""
     remove_checkpoints(run_dir)  # the finished model supersedes them
     if recipe.export.onnx:
         deploy(run_dir, teacher)
@@ -288,6 +298,26 @@ def _stages(
     if recipe.export.onnx and register and recipe.zoo.register:
         summary.zoo_id = zoo_store.register(run_dir, zoo_store.zoo_root(zoo, recipe.zoo.dir))
     return RunResult(run_dir, summary.to_dict())
+
+
+def finish_deployment(
+    run_dir: Path, teacher: Teacher | None, zoo: Path | None, register: bool
+) -> RunResult:
+    """Resume a run whose training finished (summary.json) but whose export -> verify ->
+    benchmark did not (stopped or killed there: the summary holds no export yet): run those
+    stages and the registration again. A run with nothing left to do is refused."""
+    recipe = load_run_recipe(run_dir)
+    if not (recipe.export.onnx and read_summary(run_dir).export is None):
+        raise RunDirError(
+            f"{run_dir}: this run already finished (see {SUMMARY_FILE}); if it is not in the"
+            f" zoo yet, register it with: compress zoo add {run_dir}"
+        )
+    if not distributed.is_main():
+        return RunResult(run_dir, {"rank": distributed.rank()})  # rank 0 deploys
+    try:
+        return deploy_and_register(recipe, run_dir, teacher, zoo, register)
+    except KeyboardInterrupt as err:
+        raise interrupted(run_dir, err) from None
 
 
 def check_against_teacher(recipe: Recipe, cfg: dict | None = None) -> None:

@@ -1,6 +1,7 @@
 """End to end on the real packaged teacher and real text (tiny recipe), and resume == no resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from compressor import pipeline
+from compressor.errors import RunDirError
 from compressor.metrics import read_metrics
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape, Vocab, param_count
@@ -83,10 +85,44 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(finished, tmp_path)
 
 
 def test_resume_refuses_a_finished_run(finished):
-    from compressor.errors import RunDirError
-
     with pytest.raises(RunDirError, match="already finished"):
         pipeline.resume(finished.run_dir)
+
+
+def test_a_run_stopped_after_training_resumes_its_export_and_registration(
+    finished, tmp_path, monkeypatch
+):
+    """Stopped (or killed) in export, verification, benchmark or registration, a run resumes
+    there: `compress run --resume` exports, verifies and registers it with the model as trained;
+    Ctrl-C in those stages says so."""
+    from compressor.errors import Interrupted
+    from compressor.rundir import read_summary, write_summary
+    from compressor.zoo import store as zoo_store
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished.run_dir, run_dir)
+    for name in ("onnx", "verify.json", "benchmark.json"):
+        shutil.rmtree(run_dir / name) if name == "onnx" else (run_dir / name).unlink()
+    summary = read_summary(run_dir)
+    summary.export = summary.benchmark = None  # as the export stage leaves it when it starts
+    write_summary(run_dir, summary)
+    weights = (run_dir / "model" / "model.safetensors").read_bytes()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt(2)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "deploy", stop)
+        with pytest.raises(Interrupted, match="after training") as err:
+            pipeline.resume(run_dir, zoo=tmp_path / "zoo")
+    assert err.value.exit_code == 130 and f"compress run --resume {run_dir}" in str(err.value)
+
+    resumed = pipeline.resume(run_dir, zoo=tmp_path / "zoo")
+    assert resumed.summary["export"]["verify"]["model.onnx"]["passed"] is True
+    assert zoo_store.verify(tmp_path / "zoo", resumed.summary["zoo_id"])["passed"] is True
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(RunDirError, match="already finished"):
+        pipeline.resume(run_dir)
 
 
 def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_tokenizer):

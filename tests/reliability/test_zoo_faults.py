@@ -311,6 +311,8 @@ def test_resuming_a_finished_run_points_to_zoo_add(tmp_path):
     from compressor import pipeline
 
     run = synthetic_run(tmp_path / "run", "r")
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    (run / SUMMARY_FILE).write_text(json.dumps({**summary, "export": {"verify": {}}}))  # exported
     with pytest.raises(RunDirError, match=rf"already finished.*compress zoo add {run}"):
         pipeline.resume(run)
 
@@ -382,3 +384,21 @@ def test_an_entry_removed_while_verify_runs(race, two, root, monkeypatch):
         assert f"{two[0]}: removed while being verified" in res.output
     else:
         clean_error(res, 3, f"{two[0]}: FAILED", "entry directory is missing")
+
+
+def test_an_entry_removed_while_its_files_are_hashed(two, root, monkeypatch):
+    """The directory goes between verify's first look and the hashing of its files (`rm` renames
+    it out midway): the entry fails with that said, the others verify, no traceback."""
+    from compressor.zoo import entry as zoo_entry
+
+    d, real = zoo.entry_dir(root, two[0]), zoo_entry.sha256_file
+
+    def hash_after_rm(path):
+        if Path(path).is_relative_to(d) and d.exists():
+            shutil.rmtree(d)
+        return real(path)
+
+    monkeypatch.setattr(zoo_entry, "sha256_file", hash_after_rm)
+    res = cli("verify", "--all", "--zoo", str(root))
+    clean_error(res, 3, f"{two[0]}: FAILED", "vanished while being checked")
+    assert f"{two[1]}: ok" in res.output
