@@ -156,8 +156,9 @@ def model_card(
         "```",
         "",
         "Files: `onnx/` (model.onnx, tokenizer, samples), `model/` (safetensors), `recipe.yaml`,",
-        "`plan.json`, `summary.json`, `benchmark.json`, `verify.json`, `metrics.json`,",
-        "`environment.json`; `manifest.json` holds the sha256 of every file (`compress zoo verify`).",
+        "`plan.json`, `summary.json`, `benchmark.json`, `verify.json`, `metrics.jsonl` (training",
+        "curve), `evaluations.json` (after `compress eval`), `environment.json`; `manifest.json`",
+        "holds the sha256 of every file (`compress zoo verify`).",
         "",
     ]
     return "\n".join(lines)
