@@ -39,7 +39,7 @@ results: $(STAMP)
 # then 30 SIGKILLs of real tiny runs, each resumed and compared with an uninterrupted run
 stress: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYPOTHESIS_PROFILE=stress $(BIN)/pytest -q -s tests/reliability
-	OMP_NUM_THREADS=1 $(BIN)/python tools/random_kill_loop.py --kills 30 --out runs/random-kill-loop
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python tools/random_kill_loop.py --kills 30 --out runs/random-kill-loop
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
