@@ -96,3 +96,27 @@ def sharp_tiny_bert(mlm: bool = False, seed: int = 0, factor: float = 20.0, **kw
                 lin.weight.mul_(factor)
                 lin.bias.mul_(factor)
     return model
+
+
+def gated_tiny_run(gates, tokenizer):
+    """The tiny recipe cut to 2 steps at 2L/32H with `gates` and no benchmark, and a frozen tiny
+    random teacher with `tokenizer`: a real pipeline run that reaches the gates in seconds."""
+    from compressor.recipe import load_recipe
+    from compressor.teacher import Teacher, freeze
+
+    recipe = load_recipe(RECIPES / "tiny-test.yaml")
+    recipe = recipe.model_copy(
+        update={
+            "target": recipe.target.model_copy(
+                update={"layers": 2, "hidden": 32, "heads": 4, "ffn": 32}
+            ),
+            "pruning": recipe.pruning.model_copy(
+                update={"structures": ("layers", "ffn"), "end_step": 1}
+            ),
+            "train": recipe.train.model_copy(update={"steps": 2, "warmup_steps": 0}),
+            "bench": recipe.bench.model_copy(update={"enabled": False}),
+            "gates": gates,
+        }
+    )
+    model = tiny_bert(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    return recipe, freeze(Teacher(model, tokenizer, None, "tiny-random"))

@@ -93,27 +93,10 @@ def test_an_impossible_quality_gate_exits_3_and_registers_nothing(tmp_path, pack
     miss raises CheckFailed (exit 3) before the zoo. `compress zoo add` reuses the record: exit 3
     again; with a reachable limit it registers."""
     from compressor import pipeline
-    from compressor.recipe import load_recipe
-    from compressor.teacher import Teacher, freeze
-    from tests.conftest import RECIPES, tiny_bert
+    from tests.conftest import gated_tiny_run
 
-    recipe = load_recipe(RECIPES / "tiny-test.yaml")
     impossible = ROTTEN.model_copy(update={"max_drop": -1.0})  # student - teacher >= 1
-    recipe = recipe.model_copy(
-        update={
-            "target": recipe.target.model_copy(
-                update={"layers": 2, "hidden": 32, "heads": 4, "ffn": 32}
-            ),
-            "pruning": recipe.pruning.model_copy(
-                update={"structures": ("layers", "ffn"), "end_step": 1}
-            ),
-            "train": recipe.train.model_copy(update={"steps": 2, "warmup_steps": 0}),
-            "bench": recipe.bench.model_copy(update={"enabled": False}),
-            "gates": GatesSpec(max_quality_drop=impossible),
-        }
-    )
-    model = tiny_bert(vocab_size=packaged_tokenizer.vocab_size, max_position_embeddings=64)
-    teacher = freeze(Teacher(model, packaged_tokenizer, None, "tiny-random"))
+    recipe, teacher = gated_tiny_run(GatesSpec(max_quality_drop=impossible), packaged_tokenizer)
     gate_zoo = tmp_path / "zoo"
     with pytest.raises(CheckFailed, match=r"gates\.max_quality_drop: rotten_tomatoes") as err:
         pipeline.run(recipe, output=tmp_path / "runs", teacher=teacher, zoo=gate_zoo)

@@ -622,26 +622,9 @@ def test_the_pipeline_checks_gates_before_registering(tmp_path, packaged_tokeniz
     """A real (tiny, random-teacher) run through the pipeline: a failed gate raises CheckFailed
     after the export was verified, and nothing reaches the zoo."""
     from compressor import pipeline
-    from compressor.recipe import load_recipe
-    from compressor.teacher import Teacher, freeze
-    from tests.conftest import RECIPES, tiny_bert
+    from tests.conftest import gated_tiny_run
 
-    recipe = load_recipe(RECIPES / "tiny-test.yaml")
-    recipe = recipe.model_copy(
-        update={
-            "target": recipe.target.model_copy(
-                update={"layers": 2, "hidden": 32, "heads": 4, "ffn": 32}
-            ),
-            "pruning": recipe.pruning.model_copy(
-                update={"structures": ("layers", "ffn"), "end_step": 1}
-            ),
-            "train": recipe.train.model_copy(update={"steps": 2, "warmup_steps": 0}),
-            "bench": recipe.bench.model_copy(update={"enabled": False}),
-            "gates": GatesSpec(max_params=10),
-        }
-    )
-    model = tiny_bert(vocab_size=packaged_tokenizer.vocab_size, max_position_embeddings=64)
-    teacher = freeze(Teacher(model, packaged_tokenizer, None, "tiny-random"))
+    recipe, teacher = gated_tiny_run(GatesSpec(max_params=10), packaged_tokenizer)
     gate_zoo = tmp_path / "zoo"
     with pytest.raises(CheckFailed, match=r"gates\.max_params"):
         pipeline.run(recipe, output=tmp_path / "runs", teacher=teacher, zoo=gate_zoo)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,13 +68,7 @@ class Masks:
     def tensor_shape(self) -> Shape:
         """The widths the masks span: the student's tensors (the teacher's until a progressive
         slim cuts them)."""
-        return Shape(
-            layers=self.layers.numel(),
-            hidden=self.hidden.numel(),
-            heads=self.heads.shape[1],
-            head_dim=self.qk.shape[2],
-            ffn=self.ffn.shape[1],
-        )
+        return spanned_shape(self)
 
     def widths(self) -> Shape:
         """Current alive widths (uniform by construction); a fading layer still counts."""
@@ -202,3 +197,15 @@ def zero_pruned_weights(model: nn.Module, m: Masks) -> None:
 def _zero_ln(ln: nn.LayerNorm, keep: torch.Tensor) -> None:
     ln.weight[~keep] = 0
     ln.bias[~keep] = 0
+
+
+def spanned_shape(m: Masks | Any) -> Shape:
+    """The widths spanned by per-unit tensors laid out as Masks' are (layers [L], hidden [D],
+    heads [L, H], qk [L, H, d], ffn [L, F]): Masks, or progressive.Units of kept indices."""
+    return Shape(
+        layers=m.layers.numel(),
+        hidden=m.hidden.numel(),
+        heads=m.heads.shape[1],
+        head_dim=m.qk.shape[2],
+        ffn=m.ffn.shape[1],
+    )

@@ -22,7 +22,7 @@ from torch import nn
 
 from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
 from compressor.prune.importance import EmaState, structure_scores
-from compressor.prune.masks import Masks
+from compressor.prune.masks import Masks, spanned_shape
 from compressor.shapes import Shape
 
 LAYER_KEY = re.compile(r"(^|\.)encoder\.layer\.(\d+)\.")
@@ -74,13 +74,7 @@ class Units:
         return cls(layers, m.hidden.nonzero().flatten(), heads, qk, vo, idx(m.ffn[layers]))
 
     def shape(self) -> Shape:
-        return Shape(
-            layers=self.layers.numel(),
-            hidden=self.hidden.numel(),
-            heads=self.heads.shape[1],
-            head_dim=self.qk.shape[2],
-            ffn=self.ffn.shape[1],
-        )
+        return spanned_shape(self)
 
     def then(self, cut: Units) -> Units:
         """These units after a further `cut` (its indices are into these units)."""
