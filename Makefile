@@ -26,14 +26,16 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
 
 # Every number in the README's Results, from scratch (hours on a 2-core CPU; re-running resumes):
-# the default recipe over 3 seeds x {1, 2} threads, the comparison with the baselines on
-# out-of-domain tasks, and the budget curve.
+# the default recipe over 3 seeds x {1, 2} threads with the plan under perturbations; the
+# comparison with the baselines on out-of-domain tasks (two 1-thread runs at a time); the budget
+# curve (its x1 runs are the comparison's); the latency and int8 benchmark.
 results: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/results.py --out runs/results --threads 1,2
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/results.py --out runs/results --threads 1,2 --perturb
 	HF_HUB_OFFLINE=1 $(BIN)/compress baselines recipes/compare-minilm-4L256.yaml --probe \
-		--out runs/baselines
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget \
+		--jobs 2 --set train.threads=1 --out runs/baselines
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget --set train.threads=1 \
 		--reuse 1=runs/baselines/runs
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_bert_base.py --out runs/bench-bert-base --rounds 3
 
 # the reliability suite with thousands of fuzzed inputs (tests/reliability/conftest.py: profiles),
 # then 30 SIGKILLs of real tiny runs, each resumed and compared with an uninterrupted run

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, RunDirError
 from compressor.evaluate.settings import OFFLINE_TASKS
 from compressor.rundir import RECIPE_FILE, require_run_dir
 from compressor.shapes import Shape, config_has_mlm_head
@@ -526,6 +526,30 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
         raw["data"].setdefault("pack", False)  # resolved before data.pack existed: unpacked
     return parse_recipe(raw, str(path))
+
+
+def recipe_differences(made: Recipe, wanted: Recipe) -> list[str]:
+    """`section.key: made -> wanted` for every key where two resolved recipes differ."""
+    a, b = recipe_to_dict(made), recipe_to_dict(wanted)
+    out = []
+    for section in sorted(a.keys() | b.keys()):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
+                    for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]  # fmt: skip
+        elif x != y:
+            out.append(f"{section}: {x!r} -> {y!r}")
+    return out
+
+
+def require_same_recipe(run_dir: Path, wanted: Recipe) -> Path:
+    """The run directory, if it was made with `wanted`; otherwise a RunDirError naming the keys."""
+    if diff := recipe_differences(load_run_recipe(run_dir), wanted):
+        raise RunDirError(
+            f"{run_dir} was made with another recipe ({'; '.join(diff[:4])}"
+            f"{'; ...' if len(diff) > 4 else ''}): remove it or choose another output directory"
+        )
+    return run_dir
 
 
 def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:

@@ -225,3 +225,49 @@ def test_a_recorded_evaluation_is_reused_unless_a_setting_it_used_changed(tmp_pa
     assert evaluation_of(tmp_path, "films", EvalSettings(mode="probe", max_train=7)) == records[2]
     assert evaluation_of(tmp_path, "films", EvalSettings(max_eval=7)) is None
     assert evaluation_of(tmp_path, "alone", probe) is None
+
+
+def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
+    """Re-running a comparison resumes from its finished runs; a run made with another recipe
+    (another lr, a stale output directory) is refused by name, never silently counted."""
+    import yaml
+
+    from compressor.errors import RunDirError
+    from compressor.evaluate.baselines import run_variant
+
+    recipe = variant_recipe(base_recipe(), "homodistil", seed=0)
+    run_dir = tmp_path / recipe.name / "20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe)))
+    (run_dir / "summary.json").write_text("{}")
+    assert run_variant("homodistil", recipe, tmp_path) == run_dir
+    other = with_overrides(recipe, ["train.lr=1e-4"])
+    with pytest.raises(RunDirError, match=r"another recipe \(train\.lr: 1e-07 -> 0\.0001\)"):
+        run_variant("homodistil", other, tmp_path)
+
+
+def test_jobs_train_in_parallel_processes_what_one_process_trains(tmp_path):
+    """`--jobs 2`: the runs of a comparison trained two at a time in worker processes end with
+    the same weights as when trained one by one; unset threads are refused, and a worker's typed
+    error reaches the parent with its message and exit code."""
+    from compressor.errors import CompressError
+    from compressor.evaluate.baselines import run_variant, train_all
+
+    base = with_overrides(load_recipe(RECIPES / "tiny-test.yaml"), ["train.threads=1"])
+    plan = [(v, 0, variant_recipe(base, v, 0)) for v in ("homodistil", "one_shot")]
+    train_all(plan, tmp_path / "parallel", jobs=2)
+    for variant, _, recipe in plan:
+        a = load_file(
+            run_variant(variant, recipe, tmp_path / "parallel") / "model" / "model.safetensors"
+        )
+        b = load_file(
+            run_variant(variant, recipe, tmp_path / "serial") / "model" / "model.safetensors"
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    unset = with_overrides(base, ["train.threads=null"])
+    with pytest.raises(RecipeError, match="give each its threads"):
+        train_all([("homodistil", 0, variant_recipe(unset, "homodistil", 0))], tmp_path, jobs=2)
+    stale = with_overrides(plan[0][2], ["train.lr=1e-5"])  # its run dir holds another lr's run
+    with pytest.raises(CompressError, match="another recipe") as err:
+        train_all([("homodistil", 0, stale)], tmp_path / "parallel", jobs=2)
+    assert err.value.exit_code == 2

@@ -2,8 +2,8 @@
 and how far the plan moves when only the thread count does.
 
     .venv/bin/python tools/results.py --out runs/results            # 3 seeds x {1, 2} threads
-    .venv/bin/python tools/results.py --out runs/results --perturb  # + seed 0 with the teacher
-                                        # nudged by relative 1e-6 noise, and under bf16 autocast
+    .venv/bin/python tools/results.py --out runs/results --perturb  # + seed 0 at the first thread
+                            # count, the teacher nudged by relative 1e-6 noise, and under bf16 autocast
 
 Each run is `compress run RECIPE --set train.seed=S --set train.threads=T` (no export, no zoo:
 quality only) in its own process; finished runs under --out are reused, so re-running resumes.
@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compressor.recipe import load_recipe, require_same_recipe, with_overrides
 from compressor.rundir import PLAN_FILE, SUMMARY_FILE, read_json
 from compressor.stats import over_seeds
 
@@ -38,11 +39,11 @@ def finished(root: Path) -> Path | None:
 
 def run_once(recipe: Path, out: Path, seed: int, threads: int, perturbation: str = "") -> Path:
     root = out / f"seed{seed}-threads{threads}{'-' + perturbation if perturbation else ''}"
-    if (d := finished(root)) is not None:
-        return d
     extra, nudge = PERTURBATIONS.get(perturbation, ([], 0.0))
     sets = [f"train.seed={seed}", f"train.threads={threads}", "export.onnx=false",
             "bench.enabled=false", *extra]  # fmt: skip
+    if (d := finished(root)) is not None:  # reused only if made with the same recipe
+        return require_same_recipe(d, with_overrides(load_recipe(recipe), sets))
     cmd = [sys.executable, "-m", "compressor", "run", str(recipe), "--output", str(root),
            "--no-register", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     if nudge:  # the same run in a child process, with the nudged teacher
@@ -54,7 +55,6 @@ def run_once(recipe: Path, out: Path, seed: int, threads: int, perturbation: str
 def nudged_run(relative: float, argv: list[str]) -> None:
     """`compress run` with the recipe's teacher nudged by `relative` noise (argv: run's args)."""
     from compressor import pipeline
-    from compressor.recipe import load_recipe, with_overrides
     from compressor.teacher import load_teacher, nudged
 
     ap = argparse.ArgumentParser()
@@ -114,11 +114,11 @@ def main() -> None:
         for t in threads[1:]
     }  # fmt: skip
     for name in PERTURBATIONS if args.perturb else ():
-        d = run_once(args.recipe, args.out, seeds[0], threads[-1], name)
-        runs.append({"seed": seeds[0], "threads": threads[-1], "perturbation": name,
+        d = run_once(args.recipe, args.out, seeds[0], threads[0], name)
+        runs.append({"seed": seeds[0], "threads": threads[0], "perturbation": name,
                      "run_dir": str(d), "plan": read_json(d / PLAN_FILE),
                      "quality": read_json(d / SUMMARY_FILE)["quality"]})  # fmt: skip
-        base = by[(seeds[0], threads[-1])]["plan"]
+        base = by[(seeds[0], threads[0])]["plan"]
         stability[f"{seeds[0]}, {name}"] = {**overlap(base, runs[-1]["plan"]),
                                             "layers": runs[-1]["plan"]["layers"]}  # fmt: skip
     lines = [

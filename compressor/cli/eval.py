@@ -117,8 +117,10 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory (runs, results.md/json, plots). Re-running resumes.")  # fmt: skip
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trainings at once, each in its own process (set train.threads to match).")  # fmt: skip
 def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
-                max_eval, overrides, out) -> None:  # fmt: skip
+                max_eval, overrides, out, jobs) -> None:  # fmt: skip
     """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
     evaluate every student, and write a results table and plots."""
     from compressor.evaluate.baselines import compare
@@ -130,6 +132,6 @@ def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
     variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
-    compare(recipe, out, variants, seeds, tasks, settings, list(overrides))
+    compare(recipe, out, variants, seeds, tasks, settings, list(overrides), jobs)
     click.echo((out / BASELINES_RESULTS_MD).read_text())
     click.echo(f"plots: {out / BASELINES_CURVES_PNG}, {out / BASELINES_SCORES_PNG}")

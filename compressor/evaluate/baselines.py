@@ -10,7 +10,9 @@ in nothing but what it names: same teacher, text, target, losses, steps, batch a
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,18 @@ import yaml
 
 from compressor import pipeline
 from compressor.checkpoint import has_checkpoint
-from compressor.errors import RecipeError
+from compressor.errors import CompressError, RecipeError
 from compressor.evaluate.evaluation import recorded_or_evaluated
 from compressor.evaluate.settings import EvalSettings
 from compressor.metrics import read_metrics
-from compressor.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict, with_overrides
+from compressor.recipe import (
+    Recipe,
+    load_recipe,
+    parse_recipe,
+    recipe_to_dict,
+    require_same_recipe,
+    with_overrides,
+)
 from compressor.rundir import (
     BASELINES_CURVES_PNG,
     BASELINES_RESULTS_JSON,
@@ -74,12 +83,39 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
     root = runs_root / recipe.name
     for d in sorted(root.glob("*/")):
         if (d / SUMMARY_FILE).exists():
-            return d
+            return require_same_recipe(d, recipe)
         if has_checkpoint(d):
-            return pipeline.resume(d).run_dir
+            return pipeline.resume(require_same_recipe(d, recipe)).run_dir
     if variant in UNTRAINED:
         return pipeline.untrained_slice(recipe, runs_root).run_dir
     return pipeline.run(recipe, runs_root).run_dir
+
+
+def trained(variant: str, recipe: Recipe, runs_root: Path) -> tuple[str, int] | None:
+    """run_variant in a worker process: None, or the error's message and exit code (a typed
+    error may not survive pickling back to the parent)."""
+    try:
+        run_variant(variant, recipe, runs_root)
+    except CompressError as err:
+        return f"{recipe.name}: {err}", err.exit_code
+    return None
+
+
+def train_all(plan: list[tuple[str, int, Recipe]], runs_root: Path, jobs: int) -> None:
+    """Train (or resume, or reuse) every run of the plan, `jobs` at a time, each in its own
+    process, in plan order. The first failure stops the rest and is raised."""
+    if any(r.train.threads is None for v, _, r in plan if v not in UNTRAINED):
+        raise RecipeError("--jobs", [f"--jobs {jobs} runs {jobs} trainings at once: give each "
+                                     "its threads, e.g. --set train.threads=1"])  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(trained, v, r, runs_root) for v, _, r in plan]
+        for future in as_completed(futures):
+            if (failure := future.result()) is not None:
+                pool.shutdown(cancel_futures=True)
+                err = CompressError(failure[0])
+                err.exit_code = failure[1]
+                raise err
 
 
 def compare(
@@ -90,12 +126,15 @@ def compare(
     tasks: list[str],
     settings: EvalSettings,
     overrides: list[str] = (),
+    jobs: int = 1,
 ) -> dict:
     base = with_overrides(load_recipe(recipe_path), list(overrides))
     # seed-major: an interrupted comparison has every variant at the first seeds
     plan = [(v, s, variant_recipe(base, v, s)) for s in seeds for v in variants]  # validate all
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
+    if jobs > 1:
+        train_all(plan, out / "runs", jobs)
     rows = []
     for variant, seed, recipe in plan:
         run_dir = run_variant(variant, recipe, out / "runs")
