@@ -104,8 +104,17 @@ def main() -> None:
             runs.append({"seed": seed, "threads": t, "run_dir": str(d), "plan": plan,
                          "quality": summary["quality"],
                          "discrepancy_final": summary["discrepancy"]["final"]})  # fmt: skip
-    table = {m: over_seeds([r["quality"][m] for r in runs]) for m in METRICS}
-    table["discrepancy_final"] = over_seeds([r["discrepancy_final"] for r in runs])
+    value = {**{m: lambda r, m=m: r["quality"][m] for m in METRICS},
+             "discrepancy_final": lambda r: r["discrepancy_final"]}  # fmt: skip
+    # the spread is the seeds': each seed's value is its mean over thread counts, and how far
+    # the thread counts move a seed's value is reported beside it
+    table = {
+        name: {**over_seeds([sum(get(r) for r in runs if r["seed"] == s) / len(threads)
+                             for s in seeds]),
+               "max_thread_change": max(abs(get(r) - get(runs[i - i % len(threads)]))
+                                        for i, r in enumerate(runs))}
+        for name, get in value.items()
+    }  # fmt: skip
     by = {(r["seed"], r["threads"]): r for r in runs}  # unperturbed runs only
     stability = {  # label -> overlap of two plans, with the kept layers of the second
         f"{seed}, {t} threads": {**overlap(by[(seed, threads[0])]["plan"], by[(seed, t)]["plan"]),
@@ -124,13 +133,15 @@ def main() -> None:
     lines = [
         f"{args.recipe.name}: {len(by)} runs (seeds {seeds} x threads {threads})",
         "",
-        "| measure | mean | std | spread / mean | per run |",
-        "|---|---|---|---|---|",
+        f"| measure | mean over seeds | std | std / mean | per seed {seeds} | largest change"
+        f" between thread counts {threads} |",
+        "|---|---|---|---|---|---|",
     ]
     for name, v in table.items():
         each = ", ".join(f"{x:.4f}" for x in v["per_seed"])
         lines.append(
-            f"| {name} | {v['mean']:.4f} | {v['std']:.4f} | {v['std'] / abs(v['mean']):.1%} | {each} |"
+            f"| {name} | {v['mean']:.4f} | {v['std']:.4f} | {v['std'] / abs(v['mean']):.1%} | {each}"
+            f" | {v['max_thread_change']:.1e} |"
         )
     lines += ["", "| run | kept layers | plan overlap (threads: with the seed's run at "
               f"{threads[0]} thread(s); a perturbation: with the same run unperturbed): layers"
