@@ -71,7 +71,8 @@ class _RealText:
     def __init__(self, hf_dir: Path, graph: Path, seq: int):
         import onnxruntime as ort
 
-        names = {i.name for i in ort.InferenceSession(str(graph)).get_inputs()}
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
         texts = read_wiki_summaries()[-CALIBRATION_TEXTS:]
         tok = AutoTokenizer.from_pretrained(hf_dir)
         self.batches = iter(
