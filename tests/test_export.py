@@ -130,6 +130,26 @@ def test_padded_positions_are_not_compared_and_real_tokens_are(tmp_path, package
         assert r.passed is passes, r.failures
 
 
+def test_the_benchmarks_static_int8_candidate_is_static(tmp_path, packaged_tokenizer):
+    """The static int8 that tools/bench_bert_base.py measures beside the shipped dynamic one
+    (issue 13: it is no faster and loses the cosine, so it is not shipped) really is static: every
+    MatMul runs on int8 activations whose ranges were calibrated on real text, with no per-call
+    DynamicQuantizeMatMul, and not as weight-only int8 (MatMulNBits, what onnxruntime makes of the
+    fused graph when the quantizer cannot type its tensors); the attention stays QAttention."""
+    from tools.bench_bert_base import quantize_int8_static
+
+    model_dir, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
+    quantize_int8_static(onnx_dir / ONNX_FILE, onnx_dir / "static.onnx", model_dir, seq=32)
+    written = {n.op_type for n in onnx.load(onnx_dir / "static.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= written
+    ops = session_op_counts(onnx_dir / "static.onnx", tmp_path)
+    layers = 3
+    assert ops["QLinearMatMul"] == 3 * layers and ops["QAttention"] == layers
+    assert "DynamicQuantizeMatMul" not in ops and "MatMulNBits" not in ops and "MatMul" not in ops
+    r = verify_export(onnx_dir, "static.onnx", Tolerance(math.inf, 0.0, 0.9))
+    assert r.passed, r.failures
+
+
 def test_tampered_onnx_fails_with_name_shape_and_difference(tmp_path, packaged_tokenizer):
     _, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
     path = onnx_dir / ONNX_FILE

