@@ -1,6 +1,7 @@
 """ONNX export + onnxruntime verification on tiny models (unit) and a real slim model (pipeline)."""
 
 import json
+import math
 
 import numpy as np
 import onnx
