@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,14 @@ def run_once(recipe: Path, out: Path, seed: int, threads: int, perturbation: str
         cmd = [sys.executable, __file__, "--nudged-run", str(nudge), *cmd[4:]]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return finished(root)
+
+
+def seed_spread(runs: list[dict], seeds: list[int], value) -> dict:
+    """Mean and spread over seeds of each seed's mean over its thread counts, and the largest
+    change the thread count made to any seed's value (the spread is the seeds', not the runs')."""
+    by_seed = [[value(r) for r in runs if r["seed"] == s] for s in seeds]
+    return {**over_seeds([statistics.fmean(v) for v in by_seed]),
+            "max_thread_change": max(max(v) - min(v) for v in by_seed)}  # fmt: skip
 
 
 def nudged_run(relative: float, argv: list[str]) -> None:
@@ -104,17 +113,9 @@ def main() -> None:
             runs.append({"seed": seed, "threads": t, "run_dir": str(d), "plan": plan,
                          "quality": summary["quality"],
                          "discrepancy_final": summary["discrepancy"]["final"]})  # fmt: skip
-    value = {**{m: lambda r, m=m: r["quality"][m] for m in METRICS},
-             "discrepancy_final": lambda r: r["discrepancy_final"]}  # fmt: skip
-    # the spread is the seeds': each seed's value is its mean over thread counts, and how far
-    # the thread counts move a seed's value is reported beside it
-    table = {
-        name: {**over_seeds([sum(get(r) for r in runs if r["seed"] == s) / len(threads)
-                             for s in seeds]),
-               "max_thread_change": max(abs(get(r) - get(runs[i - i % len(threads)]))
-                                        for i, r in enumerate(runs))}
-        for name, get in value.items()
-    }  # fmt: skip
+    values = {**{m: lambda r, m=m: r["quality"][m] for m in METRICS},
+              "discrepancy_final": lambda r: r["discrepancy_final"]}  # fmt: skip
+    table = {name: seed_spread(runs, seeds, get) for name, get in values.items()}
     by = {(r["seed"], r["threads"]): r for r in runs}  # unperturbed runs only
     stability = {  # label -> overlap of two plans, with the kept layers of the second
         f"{seed}, {t} threads": {**overlap(by[(seed, threads[0])]["plan"], by[(seed, t)]["plan"]),
