@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor.flops import budget_flops
-from compressor.prune import schedule
+from compressor.prune.schedule import Schedule
 from compressor.recipe import Recipe
 from compressor.shapes import Shape
 
@@ -27,9 +27,8 @@ class Budget:
 def recipe_budget(r: Recipe, full: Shape, mlm_vocab: int) -> Budget:
     """The budget of recipe `r` for a teacher of shape `full` (with an MLM head over `mlm_vocab`
     tokens, or 0): every step at the widths the schedule holds during it."""
-    p, t = r.pruning, r.train
-    runs = schedule.width_runs(t.steps, full, r.target.shape(), p.schedule, p.start_step,
-                               p.end_step, p.interval)  # fmt: skip
+    t = r.train
+    runs = Schedule.of(r.pruning, full, r.target.shape()).width_runs(t.steps)
     sequences = t.batch_size * t.grad_accum
     flops = budget_flops(full, runs, sequences, r.data.max_length, mlm_vocab)
     return Budget(r.train.steps, sequences, r.data.max_length, flops)

@@ -1,7 +1,7 @@
 """Atomic, checksummed checkpoints of the training state.
 
 A checkpoint is one header line (a magic word, the sha256 and the length of the payload) and the
-payload, `torch.save` of the fields of `TrainingState`. It is written to a temporary file, synced,
+payload, `torch.save` of the fields of `Checkpoint`. It is written to a temporary file, synced,
 then the last checkpoint becomes the previous one and the new one takes its name: the last two
 stay. A checkpoint that does not match its checksum (a flipped bit, a truncated or empty file) is
 never loaded; the previous one is used, and a line says so.
@@ -40,7 +40,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
-class TrainingState:
+class Checkpoint:
     """Everything a resumed run needs to continue exactly where it stopped."""
 
     step: int  # the next step to run
@@ -65,7 +65,7 @@ class Damaged(Exception):
 # ---------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
+def save_checkpoint(run_dir: Path, state: Checkpoint) -> Path:
     """Write `state`; the last checkpoint becomes the previous one. A failed write (disk full)
     removes its temporary file, leaves the earlier checkpoints as they were and raises
     StorageError."""
@@ -112,9 +112,7 @@ def storage_error(err: OSError, path: Path) -> StorageError:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(
-    run_dir: Path, warn: Callable[[str], None] | None = None
-) -> TrainingState | None:
+def load_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
     """The newest checkpoint that matches its checksum; None if the run has none yet. A damaged
     one is reported through `warn` (default: a line on stderr) and the previous one used; if every
     checkpoint is damaged, RunDirError: the run has to start again."""
@@ -131,9 +129,7 @@ def load_checkpoint(
             continue
         if damaged:
             warn(f"warning: {damaged[0]}; resuming from {name} (step {int(raw['step'])})")
-        return TrainingState(
-            **{f.name: raw[f.name] for f in fields(TrainingState) if f.name in raw}
-        )
+        return Checkpoint(**{f.name: raw[f.name] for f in fields(Checkpoint) if f.name in raw})
     if damaged:
         raise RunDirError(
             f"{'; '.join(damaged)}; no good checkpoint remains, so this run cannot resume: start"
@@ -166,7 +162,7 @@ def read_verified(path: Path) -> dict[str, Any]:
 
 def required_fields() -> list:
     """The fields every checkpoint holds (those added later have defaults)."""
-    return [f for f in fields(TrainingState) if f.default is MISSING]
+    return [f for f in fields(Checkpoint) if f.default is MISSING]
 
 
 def has_checkpoint(run_dir: Path) -> bool:

@@ -4,6 +4,8 @@ that turns a batch into those terms (what DDP wraps)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,8 +13,17 @@ from torch import nn
 from compressor.data import Batch
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.prune.masks import Masks
-from compressor.prune.progressive import Units
 from compressor.recipe import DistillSpec
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """Which of the teacher's layers, and which of its heads in each, the student's layers stand
+    for, once the student is narrower than its teacher in depth or heads (progressive slimming).
+    None in its place: the student has the teacher's layers and heads."""
+
+    layers: list[int]  # per student layer, the teacher's layer
+    heads: list[torch.Tensor]  # per student layer, the teacher's heads it kept [H']
 
 
 class HiddenMaps(nn.Module):
@@ -113,13 +124,14 @@ def loss_terms(
     maps: HiddenMaps,
     masks: Masks,
     batch: Batch,
-    units: Units | None = None,
+    correspondence: Correspondence | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms.
-    `units` (a progressively slimmed student) names the teacher's layer and heads of each of the
-    student's; None: the student has the teacher's shape."""
+    `correspondence` names the teacher's layer and heads of each of the student's layers (a
+    progressively slimmed student); None: the student has the teacher's layers and heads."""
     att = batch.attention_mask
-    teacher_layer = units.layers.tolist() if units is not None else range(masks.layers.numel())
+    c = correspondence
+    teacher_layer = c.layers if c is not None else range(masks.layers.numel())
     # (student state, teacher state): the embeddings, then each layer that stays
     mapped = [(0, 0)] + [
         (i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if bool(masks.layers[i])
@@ -134,7 +146,7 @@ def loss_terms(
 
         def teacher_attention(i: int, j: int) -> torch.Tensor:
             a = t.attentions[j - 1]
-            return a if units is None else a[:, units.heads[i - 1].to(a.device)]
+            return a if c is None else a[:, c.heads[i - 1].to(a.device)]
 
         out["attention"] = sum(
             attention_kl(teacher_attention(i, j), s.attentions[i - 1], masks.heads[i - 1], att)
@@ -179,7 +191,7 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.student, self.maps, self.fade = student, maps, fade
         self.with_logits = with_logits
-        self.units: Units | None = None  # set once the student is progressively slimmed
+        self.correspondence: Correspondence | None = None  # once progressively slimmed
 
     def forward(
         self,
@@ -195,4 +207,4 @@ class StudentLoss(nn.Module):
         with autocast:
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
                        with_logits=self.with_logits, dropout=dropout)  # fmt: skip
-        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.units)
+        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence)

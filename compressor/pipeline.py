@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 
 from compressor import distributed
 from compressor.checkpoint import (
-    TrainingState,
+    Checkpoint,
     has_checkpoint,
     load_checkpoint,
     remove_checkpoints,
@@ -38,13 +38,13 @@ from compressor.deploy.stages import deploy
 from compressor.distill import distill, evaluate
 from compressor.environment import describe_environment, pick_device
 from compressor.errors import Interrupted, RecipeError, RunDirError, resume_command
-from compressor.forward import encode, mean_pool
+from compressor.forward import mean_pool
 from compressor.gates import check_gates, evaluate_for_gates
 from compressor.losses import HiddenMaps, prediction_kl
 from compressor.metrics import MetricsLog, discrepancy_summary, plot_run, read_metrics
-from compressor.prune import schedule
 from compressor.prune.importance import magnitudes, structure_scores, truncation_scores
 from compressor.prune.masks import Masks, prune_to, select_layers
+from compressor.prune.schedule import Schedule
 from compressor.prune.slim import PrunePlan, save_slim_model, slim
 from compressor.quality import similarity_agreement
 from compressor.recipe import (
@@ -78,6 +78,7 @@ from compressor.teacher import (
     read_teacher_config,
     sentence_transformers_files,
 )
+from compressor.train.state import make_student
 from compressor.zoo import store as zoo_store
 
 
@@ -142,7 +143,7 @@ def check_processes(recipe: Recipe) -> None:
         ])  # fmt: skip
 
 
-def check_same_processes(ckpt: TrainingState | None, run_dir: Path) -> None:
+def check_same_processes(ckpt: Checkpoint | None, run_dir: Path) -> None:
     """A checkpoint resumes with as many processes as wrote it: it holds every process's random
     state, and each step's micro-batches are shared out by that number."""
     n = distributed.world_size()
@@ -251,22 +252,47 @@ def _stages(
     else:  # a progressively slimmed student: plan.json in the teacher's indices
         plan = PrunePlan.from_masks(result.units.in_teacher(masks, teacher.shape), teacher.shape)
         cut_plan = PrunePlan.from_masks(masks, masks.tensor_shape())
+    records = read_metrics(run_dir / METRICS_FILE)
+    outcome = Outcome(student.cpu(), masks, plan, cut_plan, checks, records, tr.steps, started,
+                      str(device))  # fmt: skip
+    ship(recipe, run_dir, teacher, corpus, outcome)
+    plot_run(records, run_dir / PLOT_FILE,
+             f"{recipe.name}: {teacher.shape.label()} -> {plan.shape.label()}")  # fmt: skip
+    return deploy_and_register(recipe, run_dir, teacher, zoo, register)
+
+
+@dataclass
+class Outcome:
+    """What a run hands to its tail: the masked student, its plans (in the teacher's indices, and
+    in the student's own, which differ once a progressive slim cut it), and what the summary
+    records of how it was made."""
+
+    student: torch.nn.Module
+    masks: Masks
+    plan: PrunePlan
+    cut_plan: PrunePlan
+    checks: dict
+    records: list[dict]
+    steps: int
+    started: float
+    device: str
+
+
+def ship(
+    recipe: Recipe, run_dir: Path, teacher: Teacher, corpus: Corpus, out: Outcome
+) -> RunSummary:
+    """The tail of every run, trained or not: plan.json, the slim model saved and reloaded the way
+    users load it (the round trip checked against the masked student), its parameter count and
+    shipped quality, summary.json."""
+    plan, checks = out.plan, out.checks
     (run_dir / PLAN_FILE).write_text(plan.to_json())
-    slim_model = slim(student.cpu(), cut_plan, score_head_dim=teacher.shape.head_dim)
+    slim_model = slim(out.student, out.cut_plan, score_head_dim=teacher.shape.head_dim)
     save_slim_model(slim_model, teacher.tokenizer, sentence_transformers_files(teacher.source_dir),
                     run_dir / MODEL_DIR)  # fmt: skip
     checks["masked_vs_slim_max_abs"] = check_slim_roundtrip(
-        student, masks, run_dir / MODEL_DIR, corpus.heldout
+        out.student, out.masks, run_dir / MODEL_DIR, corpus.heldout
     )
     n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
-    quality = shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data)
-
-    records = read_metrics(run_dir / METRICS_FILE)
-    plot_run(
-        records,
-        run_dir / PLOT_FILE,
-        f"{recipe.name}: {teacher.shape.label()} -> {plan.shape.label()}",
-    )
     summary = RunSummary(
         recipe=recipe.name,
         teacher=teacher.name,
@@ -275,14 +301,14 @@ def _stages(
         teacher_params=sum(p.numel() for p in teacher.model.parameters()),
         student_params=n_params,
         checks=checks,
-        discrepancy=discrepancy_summary(records),
-        quality=quality,
-        steps=tr.steps,
-        seconds=round(time.time() - started, 1),
-        device=str(device),
+        discrepancy=discrepancy_summary(out.records),
+        quality=shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data),
+        steps=out.steps,
+        seconds=round(time.time() - out.started, 1),
+        device=out.device,
     )
     write_summary(run_dir, summary)
-    return deploy_and_register(recipe, run_dir, teacher, zoo, register)
+    return summary
 
 
 def deploy_and_register(
@@ -359,18 +385,6 @@ def shipped_quality(model_dir: Path, teacher: Teacher, texts: list[str], data: D
     return result | ({"mlm_kl": sum(kl) / len(kl)} if kl else {})
 
 
-def make_student(teacher: Teacher, init: str = "teacher", seed: int = 0) -> torch.nn.Module:
-    """The student starts as an exact copy of the teacher (HomoDistil), or, for the random-init
-    baseline, as the teacher's architecture with freshly initialised weights (seeded)."""
-    student = copy.deepcopy(teacher.model)
-    if init == "random":
-        torch.manual_seed(seed)
-        student.apply(student._init_weights)  # the architecture's own initialiser
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student.train()
-
-
 def preflight(recipe: Recipe, teacher: Teacher, student, corpus: Corpus, device) -> dict:
     """Before training: the step-0 identity, and a throwaway slim at the target shape that must
     round-trip through save + stock reload. Export problems show in minute one, not hour ten."""
@@ -402,7 +416,7 @@ def magnitude_masks_at_target(recipe: Recipe, teacher: Teacher) -> Masks:
 def masks_at_target(recipe: Recipe, teacher: Teacher, scores: dict[str, torch.Tensor]) -> Masks:
     """The target widths in one cut by `scores`, and evenly spaced layers (DistilBERT-style)."""
     full, target = teacher.shape, recipe.target.shape()
-    widths = schedule.widths_at(0, full, target, "one_shot", 0, 0)
+    widths = Schedule.one_shot(full, target).widths_at(0)
     masks = prune_to(Masks.full(full), scores, widths)
     kept = select_layers(torch.zeros(full.layers), target.layers, "uniform")
     return Masks(**{**masks.__dict__, "layers": kept, "fade": kept.float()})
@@ -422,38 +436,12 @@ def untrained_slice(recipe: Recipe, output: Path, teacher: Teacher | None = None
     corpus = Corpus(recipe.data, teacher.tokenizer, recipe.train.seed, 1, 1)
     masks = masks_at_target(recipe, teacher, truncation_scores(teacher.shape))
     plan = PrunePlan.from_masks(masks, teacher.shape)
-    (run_dir / PLAN_FILE).write_text(plan.to_json())
-    slim_model = slim(model, plan)
-    save_slim_model(slim_model, teacher.tokenizer, sentence_transformers_files(teacher.source_dir),
-                    run_dir / MODEL_DIR)  # fmt: skip
-    checks = {
-        "masked_vs_slim_max_abs": check_slim_roundtrip(
-            model, masks, run_dir / MODEL_DIR, corpus.heldout
-        )
-    }
-    with torch.no_grad():
-        heldout = corpus.heldout
-        t_out = encode(model, heldout.input_ids, heldout.attention_mask,
-                       with_logits=teacher.has_mlm_head)  # fmt: skip
-        maps = HiddenMaps(teacher.shape.layers + 1, teacher.shape.hidden)
-        record = evaluate(0, teacher, model, maps, masks, heldout, t_out)
+    heldout = corpus.heldout
+    maps = HiddenMaps(teacher.shape.layers + 1, teacher.shape.hidden)
+    record = evaluate(0, teacher, model, maps, masks, heldout, teacher.encode(heldout))
     MetricsLog(run_dir).write(record)
-    n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
-    summary = RunSummary(
-        recipe=recipe.name,
-        teacher=teacher.name,
-        teacher_shape=teacher.shape.to_dict(),
-        student_shape=plan.shape.to_dict(),
-        teacher_params=sum(p.numel() for p in model.parameters()),
-        student_params=n_params,
-        checks=checks,
-        discrepancy=discrepancy_summary([record]),
-        quality=shipped_quality(run_dir / MODEL_DIR, teacher, corpus.quality_texts, recipe.data),
-        steps=0,
-        seconds=round(time.time() - started, 1),
-        device="cpu",
-    )
-    write_summary(run_dir, summary)
+    outcome = Outcome(model, masks, plan, plan, {}, [record], 0, started, "cpu")
+    summary = ship(recipe, run_dir, teacher, corpus, outcome)
     return RunResult(run_dir, summary.to_dict())
 
 

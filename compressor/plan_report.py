@@ -6,7 +6,7 @@ from pathlib import Path
 
 from compressor.budget import recipe_budget
 from compressor.errors import RecipeError
-from compressor.prune import schedule
+from compressor.prune.schedule import Schedule
 from compressor.recipe import Recipe, load_recipe, teacher_problems, with_overrides
 from compressor.shapes import Shape, Vocab, config_has_mlm_head, param_count
 from compressor.teacher import read_teacher_config
@@ -49,10 +49,11 @@ def plan_report(path: Path, overrides: list[str] = ()) -> str:
         "    step   layers hidden heads head_dim  ffn   params",
     ]
     p = recipe.pruning
+    sched = Schedule.of(p, full, target)
     span = p.end_step - p.start_step
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         step = p.start_step + round(frac * span)
-        w = schedule.widths_at(step, full, target, p.schedule, p.start_step, p.end_step)
+        w = sched.widths_at(step)
         lines.append(
             f"    {step:>5}  {w.layers:>6} {w.hidden:>6} {w.heads:>5} {w.head_dim:>8}"
             f" {w.ffn:>5} {param_count(w, vocab, mlm_head=mlm) / 1e6:>7.1f}M"
@@ -77,7 +78,7 @@ def tokens_line(r: Recipe) -> str:
 
 
 def decision_policy(r: Recipe) -> str:
-    """How the pruning events will decide, in one line (see distill.pruning_signal)."""
+    """How the pruning events will decide, in one line (see train/pruner.py, Pruner.signal)."""
     p = r.pruning
     layers = {
         "removal": f"layers by greedy removal, measured on {max(1, p.probe_batches)} batches",

@@ -45,6 +45,19 @@ class Teacher:
         c = self.model.config
         return Vocab(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
 
+    def encode(self, batch: Any, bf16: bool = False) -> Any:
+        """The teacher's outputs on `batch` (input_ids, attention_mask), without gradients:
+        hidden states, attentions and, with an MLM head, logits (forward.EncoderOutput); under
+        bf16 autocast when asked."""
+        import torch
+
+        from compressor.forward import encode
+
+        ids = batch.input_ids
+        autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), autocast:
+            return encode(self.model, ids, batch.attention_mask, with_logits=self.has_mlm_head)
+
 
 def nudged(teacher: Teacher, relative: float, seed: int = 123) -> Teacher:
     """The teacher with every weight w moved by w * relative * N(0, 1), in place: the 1e-6 nudge

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from compressor import pipeline
-from compressor.errors import RecipeError
-from compressor.evaluate.baselines import (
+from compressor.baselines import (
     VARIANTS,
     aggregate,
     markdown_table,
     variant_recipe,
 )
+from compressor.errors import RecipeError
 from compressor.evaluate.settings import EvalSettings
 from compressor.metrics import read_metrics
 from compressor.prune.importance import truncation_scores
@@ -232,8 +232,8 @@ def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
     (another lr, a stale output directory) is refused by name, never silently counted."""
     import yaml
 
+    from compressor.baselines import run_variant
     from compressor.errors import RunDirError
-    from compressor.evaluate.baselines import run_variant
 
     recipe = variant_recipe(base_recipe(), "homodistil", seed=0)
     run_dir = tmp_path / recipe.name / "20260101-000000"
@@ -250,8 +250,8 @@ def test_jobs_train_in_parallel_processes_what_one_process_trains(tmp_path):
     """`--jobs 2`: the runs of a comparison trained two at a time in worker processes end with
     the same weights as when trained one by one; unset threads are refused, and a worker's typed
     error reaches the parent with its message and exit code."""
+    from compressor.baselines import run_variant, train_all
     from compressor.errors import CompressError
-    from compressor.evaluate.baselines import run_variant, train_all
 
     base = with_overrides(load_recipe(RECIPES / "tiny-test.yaml"), ["train.threads=1"])
     plan = [(v, 0, variant_recipe(base, v, 0)) for v in ("homodistil", "one_shot")]

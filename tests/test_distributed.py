@@ -14,16 +14,21 @@ import yaml
 from safetensors.torch import load_file
 
 from compressor import pipeline
-from compressor.distill import check_on_device, make_optimizer
 from compressor.errors import CheckFailed, RecipeError
 from compressor.forward import encode
 from compressor.losses import HiddenMaps, StudentLoss
 from compressor.metrics import read_metrics
-from compressor.prune.importance import EmaState
 from compressor.prune.masks import Masks
 from compressor.recipe import DistillSpec, load_recipe
 from compressor.shapes import Shape
-from compressor.train_state import pack_importance, rng_state, set_rng_state, unpack_importance
+from compressor.train.state import (
+    TrainingState,
+    check_on_device,
+    pack_importance,
+    rng_state,
+    set_rng_state,
+    unpack_importance,
+)
 from tests.conftest import ROOT, tiny_batch, tiny_bert
 from tests.distributed_workers import two_ranks_with_different_masks
 
@@ -170,19 +175,18 @@ def test_bf16_step0_losses_are_exactly_zero(mlm):
 
 def test_resumed_state_is_checked_to_be_on_the_device():
     student = tiny_bert()
-    maps = HiddenMaps(4, 32)
-    params = dict(student.named_parameters())
-    opt = make_optimizer(params, maps, load_recipe(ROOT / "recipes" / "tiny-test.yaml"))
-    sum(p.sum() for p in params.values()).backward()
-    opt.step()
-    masks = Masks.full(Shape.of_config(student.config))
-    ema = EmaState.zeros_like(params)
-    check_on_device(torch.device("cpu"), student, maps, opt, ema, masks)
     recipe = load_recipe(ROOT / "recipes" / "tiny-test.yaml")
-    moved = unpack_importance(pack_importance(ema, recipe, 0), ema, torch.device("meta"))
+    cpu = torch.device("cpu")
+    state = TrainingState.start(recipe, Shape.of_config(student.config), student, cpu)
+    sum(p.sum() for p in state.params.values()).backward()
+    state.optimizer.step()
+    check_on_device(cpu, state)
+    ema = state.importance
+    state.importance = unpack_importance(pack_importance(ema, True), ema, torch.device("meta"))
+    moved = state.importance
     assert {t.device.type for t in [*moved.i_bar.values(), *moved.u_bar.values()]} == {"meta"}
     with pytest.raises(CheckFailed, match=r"importance\.i_bar"):
-        check_on_device(torch.device("cpu"), student, maps, opt, moved, masks)
+        check_on_device(cpu, state)
 
 
 def test_optimizer_state_follows_its_parameters_device():

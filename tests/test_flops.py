@@ -24,8 +24,8 @@ from compressor.flops import (
 )
 from compressor.forward import encode
 from compressor.losses import HiddenMaps, StudentLoss, weighted_total
-from compressor.prune import schedule
 from compressor.prune.masks import Masks
+from compressor.prune.schedule import Schedule
 from compressor.recipe import DistillSpec, load_recipe
 from compressor.shapes import Shape
 from tests.conftest import RECIPES, tiny_batch, tiny_bert, tiny_config
@@ -79,13 +79,14 @@ def test_a_narrower_student_costs_less_and_the_teacher_forward_stays():
 
 def test_widths_in_force_hold_between_pruning_events():
     full, target = Shape(6, 384, 12, 32, 1536), Shape(2, 128, 4, 32, 256)
-    at = [schedule.widths_in_force(s, full, target, "cubic", 2, 10, 4) for s in range(14)]
+    sched = Schedule("cubic", 2, 10, 4, full, target)
+    at = [sched.widths_in_force(s) for s in range(14)]
     assert at[0] == at[1] == full  # before the first event
     for event in (2, 6, 10):
-        assert at[event] == schedule.widths_at(event, full, target, "cubic", 2, 10)
+        assert at[event] == sched.widths_at(event)
     assert at[3] == at[4] == at[5] == at[2] and at[7] == at[6]
     assert at[11] == at[13] == target
-    one = [schedule.widths_in_force(s, full, target, "one_shot", 3, 3, 1) for s in (2, 3, 9)]
+    one = [Schedule("one_shot", 3, 3, 1, full, target).widths_in_force(s) for s in (2, 3, 9)]
     assert one == [full, target, target]
 
 
@@ -93,16 +94,16 @@ def test_width_runs_are_the_widths_in_force_step_by_step():
     full, target = Shape(6, 384, 12, 32, 1536), Shape(2, 128, 4, 32, 256)
     for kind, start, end, interval, steps in [("cubic", 2, 40, 3, 50), ("linear", 0, 9, 1, 9),
                                               ("one_shot", 5, 5, 1, 12), ("cubic", 0, 7, 7, 3)]:  # fmt: skip
-        runs = schedule.width_runs(steps, full, target, kind, start, end, interval)
+        sched = Schedule(kind, start, end, interval, full, target)
+        runs = sched.width_runs(steps)
         flat = [w for w, n in runs for _ in range(n)]
-        assert flat == [schedule.widths_in_force(s, full, target, kind, start, end, interval)
-                        for s in range(steps)]  # fmt: skip
+        assert flat == [sched.widths_in_force(s) for s in range(steps)]
         assert all(a != b for (a, _), (b, _) in itertools.pairwise(runs))
 
 
 def test_a_huge_budget_is_computed_from_its_runs_not_step_by_step():
     full, target = Shape(12, 768, 12, 64, 3072), Shape(6, 384, 12, 32, 1536)
-    runs = schedule.width_runs(10**15, full, target, "cubic", 0, 10**12, 1)
+    runs = Schedule("cubic", 0, 10**12, 1, full, target).width_runs(10**15)
     assert sum(n for _, n in runs) == 10**15 and runs[-1] == (target, 10**15 - 10**12)
 
 
@@ -110,12 +111,8 @@ def test_the_budget_follows_the_width_curve():
     full, target = Shape(6, 384, 12, 32, 1536), Shape(2, 128, 4, 32, 256)
     r = load_recipe(RECIPES / "tiny-test.yaml")
     b = recipe_budget(r, full, 0)
-    p = r.pruning
-    per_step = [
-        step_flops(full, schedule.widths_in_force(s, full, target, p.schedule, p.start_step,
-                                                  p.end_step, p.interval), 32)
-        for s in range(r.train.steps)
-    ]  # fmt: skip
+    sched = Schedule.of(r.pruning, full, target)
+    per_step = [step_flops(full, sched.widths_in_force(s), 32) for s in range(r.train.steps)]
     assert b.flops == 4 * sum(per_step) and b.tokens == 8 * 4 * 32
     assert (
         budget_flops(full, [(target, 8)], 4, 32) < b.flops < budget_flops(full, [(full, 8)], 4, 32)

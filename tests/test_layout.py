@@ -87,6 +87,70 @@ def test_the_package_has_no_import_cycle():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+# Layers point down. The orchestration (the CLI, the baselines that drive the pipeline, the
+# pipeline, the loop and its training state) sits on top; the tool areas below never import it;
+# prune/ is pure maths over the model's tensors; the recipe schema imports no tool area.
+ORCHESTRATION = ("compressor.cli", "compressor.baselines", "compressor.pipeline",
+                 "compressor.distill", "compressor.train")  # fmt: skip
+TOOL_AREAS = ("compressor.prune", "compressor.deploy", "compressor.zoo", "compressor.evaluate")
+NEVER_IMPORTS = {
+    **{area: ORCHESTRATION for area in TOOL_AREAS},
+    "compressor.prune": (
+        *ORCHESTRATION,
+        *TOOL_AREAS,
+        "compressor.gates",
+        "compressor.teacher",
+        "compressor.data",
+        "compressor.recipe",
+    ),
+    "compressor.recipe": (*ORCHESTRATION, *TOOL_AREAS, "compressor.gates"),
+    "compressor.train": (
+        "compressor.cli",
+        "compressor.baselines",
+        "compressor.pipeline",
+        "compressor.distill",
+    ),
+    "compressor.distill": ("compressor.cli", "compressor.baselines", "compressor.pipeline"),
+    "compressor.pipeline": ("compressor.cli", "compressor.baselines"),
+}
+
+
+def within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks a `NEVER_IMPORTS` rule, as 'importer -> imported'."""
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for area, banned in NEVER_IMPORTS.items()
+        if within(m, area)
+        for d in deps
+        if not within(d, area) and any(within(d, b) for b in banned)
+    )
+
+
+def test_the_layering_check_finds_a_planted_upward_import(tmp_path):
+    pkg = tmp_path / "compressor"
+    (pkg / "zoo").mkdir(parents=True)
+    (pkg / "pipeline.py").write_text("from compressor.zoo import store\n")
+    (pkg / "zoo" / "store.py").write_text("def f():\n    from compressor import pipeline\n")
+    (pkg / "recipe.py").write_text("import compressor.zoo.store\n")
+    files = {".".join(p.relative_to(tmp_path).with_suffix("").parts): p for p in pkg.rglob("*.py")}
+    graph = {m: imported_modules(p, set(files)) - {m} for m, p in files.items()}
+    assert upward_imports(graph) == [
+        "compressor.recipe -> compressor.zoo.store",
+        "compressor.zoo.store -> compressor.pipeline",
+    ]
+
+
+def test_layers_only_point_down():
+    graph = import_graph()
+    assert any(within(m, "compressor.zoo") for m in graph)  # the walk saw the folders
+    assert upward_imports(graph) == []
+
+
 def test_only_rundir_spells_an_artifact_name():
     names = {
         v

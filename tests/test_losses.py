@@ -332,8 +332,8 @@ def test_loss_terms_zero_at_identity_headless():
 def test_frozen_word_embeddings_get_gradients_but_do_not_move(frozen):
     """Importance still scores hidden dims from the word embeddings' gradient; AdamW skips them."""
     from compressor.bert_params import student_parameters
-    from compressor.distill import make_optimizer
     from compressor.recipe import load_recipe, with_overrides
+    from compressor.train.state import make_optimizer
     from tests.conftest import RECIPES
 
     recipe = with_overrides(

@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 from compressor import distributed, pipeline
 from compressor.bert_params import student_parameters
-from compressor.distill import FADE, distill
+from compressor.distill import distill
 from compressor.errors import RecipeError
 from compressor.forward import encode
 from compressor.metrics import read_metrics
-from compressor.prune import schedule
 from compressor.prune.importance import EmaState, entry_scores, structure_scores, update_state
 from compressor.prune.masks import Masks, prune_to, zero_pruned_weights
 from compressor.prune.progressive import (
@@ -28,9 +27,11 @@ from compressor.prune.progressive import (
     renamed,
     tensor_cuts,
 )
+from compressor.prune.schedule import Schedule
 from compressor.prune.slim import PrunePlan, slim
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape
+from compressor.train.state import FADE
 from tests.conftest import RECIPES, sharp_tiny_bert, tiny_batch, tiny_bert
 
 FULL = Shape(3, 32, 4, 8, 64)
@@ -178,10 +179,9 @@ def test_progressive_slimming_equals_masking_only(progressive, tiny_run):
 
 def test_every_cut_is_checked_and_follows_the_schedule(progressive):
     recipe = load_recipe(TINY)
-    p = recipe.pruning
     full = Shape(**progressive.summary["teacher_shape"])
-    shapes = schedule.shapes_by_step(full, recipe.target.shape(), p.schedule, p.start_step,
-                                     p.end_step, p.interval, recipe.train.steps)  # fmt: skip
+    sched = Schedule.of(recipe.pruning, full, recipe.target.shape())
+    shapes = sched.shapes_by_step(recipe.train.steps)
     cuts = [
         r for r in read_metrics(progressive.run_dir / "metrics.jsonl") if r.get("event") == "slim"
     ]

@@ -2,6 +2,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compressor.prune import schedule
+from compressor.prune.schedule import Schedule
 from compressor.shapes import Shape
 
 FULL = Shape(12, 768, 12, 64, 3072)
@@ -19,25 +20,35 @@ def test_linear_and_one_shot():
     assert schedule.remaining(25, "linear", 0, 100) == 0.75
     assert schedule.remaining(9, "one_shot", 10, 100) == 1.0
     assert schedule.remaining(10, "one_shot", 10, 100) == 0.0
-    assert schedule.is_pruning_step(10, 10, 100, 7, "one_shot")
-    assert not schedule.is_pruning_step(17, 10, 100, 7, "one_shot")
+    assert Schedule("one_shot", 10, 100, 7, FULL, TARGET).is_event(10)
+    assert not Schedule("one_shot", 10, 100, 7, FULL, TARGET).is_event(17)
 
 
 def test_pruning_steps_include_the_end():
-    steps = [s for s in range(200) if schedule.is_pruning_step(s, 5, 47, 10, "cubic")]
+    sched = Schedule("cubic", 5, 47, 10, FULL, TARGET)
+    steps = [s for s in range(200) if sched.is_event(s)]
     assert steps == [5, 15, 25, 35, 45, 47]
 
 
+@given(st.sampled_from(["cubic", "linear", "one_shot"]), st.integers(0, 40), st.integers(0, 40),
+       st.integers(1, 9), st.integers(0, 60), st.integers(0, 60))  # fmt: skip
+def test_events_in_a_range_are_found_without_walking_it(kind, a, b, interval, first, stop):
+    start, end = sorted((a, b))
+    sched = Schedule(kind, start, end, interval, FULL, TARGET)
+    assert sched.events_in(first, stop) == any(sched.is_event(s) for s in range(first, stop))
+
+
 def test_widths_endpoints():
-    assert schedule.widths_at(0, FULL, TARGET, "cubic", 0, 100) == FULL
-    assert schedule.widths_at(100, FULL, TARGET, "cubic", 0, 100) == TARGET
+    sched = Schedule("cubic", 0, 100, 1, FULL, TARGET)
+    assert sched.widths_at(0) == FULL
+    assert sched.widths_at(100) == TARGET
 
 
 @given(st.integers(0, 300), st.integers(0, 300), st.sampled_from(["cubic", "linear", "one_shot"]))
 def test_widths_never_grow_and_stay_in_bounds(a, b, kind):
     lo, hi = sorted((a, b))
-    w_lo = schedule.widths_at(lo, FULL, TARGET, kind, 20, 200)
-    w_hi = schedule.widths_at(hi, FULL, TARGET, kind, 20, 200)
+    sched = Schedule(kind, 20, 200, 1, FULL, TARGET)
+    w_lo, w_hi = sched.widths_at(lo), sched.widths_at(hi)
     for f in ("layers", "hidden", "heads", "head_dim", "ffn"):
         assert getattr(TARGET, f) <= getattr(w_hi, f) <= getattr(w_lo, f) <= getattr(FULL, f)
 

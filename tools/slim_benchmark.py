@@ -24,7 +24,7 @@ from pathlib import Path
 
 from compressor import pipeline
 from compressor.deploy.bench import encoder_flops
-from compressor.prune import schedule
+from compressor.prune.schedule import Schedule
 from compressor.recipe import load_recipe, with_overrides
 from compressor.rundir import PLAN_FILE
 from compressor.shapes import Shape
@@ -87,9 +87,9 @@ def main() -> None:
     common = [f"train.threads={args.threads}", "export.onnx=false", "bench.enabled=false",
               *args.overrides]  # fmt: skip
     recipe = with_overrides(load_recipe(args.recipe), common)
-    p, full = recipe.pruning, Shape.of_config(read_teacher_config(recipe.teacher))
-    shapes = schedule.shapes_by_step(full, recipe.target.shape(), p.schedule, p.start_step,
-                                     p.end_step, p.interval, recipe.train.steps)  # fmt: skip
+    full = Shape.of_config(read_teacher_config(recipe.teacher))
+    sched = Schedule.of(recipe.pruning, full, recipe.target.shape())
+    shapes = sched.shapes_by_step(recipe.train.steps)
     ideal = ideal_ratios(shapes, full, recipe.data.max_length)
 
     jobs = [(args.recipe, args.out / mode, [*common, f"pruning.progressive_slim={flag}"])

@@ -135,7 +135,7 @@ def recipe_check_cmd(recipe: Path, overrides: tuple[str, ...], probe: bool) -> N
 
     click.echo(plan_report(recipe, list(overrides)))
     if probe:
-        from compressor.step_probe import wall_time_report
+        from compressor.train.probe import wall_time_report
 
         click.echo(wall_time_report(recipe, list(overrides)))
 

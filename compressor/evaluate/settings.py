@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-OFFLINE_TASKS = ("wiki_topics", "rotten_tomatoes", "movie_retrieval")  # shipped in pip packages
 LR_GRID = (3e-5, 1e-4, 3e-4)  # fine-tuning learning rates tried when none is given
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from compressor import checkpoint as ckpt_mod
 from compressor import pipeline
 from compressor.checkpoint import (
-    TrainingState,
+    Checkpoint,
     load_checkpoint,
     pack_delta,
     save_checkpoint,
@@ -41,9 +41,9 @@ from tests.conftest import RECIPES
 from tests.test_baselines import base_recipe, small_teacher
 
 
-def state(step: int) -> TrainingState:
+def state(step: int) -> Checkpoint:
     g = torch.Generator().manual_seed(step)
-    return TrainingState(
+    return Checkpoint(
         step=step, student={"w": {"dense": torch.randn(64, 64, generator=g)}}, maps={},
         optimizer={}, masks={"hidden": torch.ones(4, dtype=torch.bool)}, importance=None,
         layers_chosen=False, noise_floor=None, torch_rng=torch.get_rng_state(),
@@ -195,7 +195,7 @@ def steps_recipe(steps=6, end_step=3):
 
 def naive_size(run_dir, tmp_path) -> int:
     """What the checkpoint would weigh stored as before: every tensor whole."""
-    from compressor.train_state import unpack_optimizer
+    from compressor.train.state import unpack_optimizer
 
     s = load_checkpoint(run_dir)
     raw = {"student": {k: unpack_delta(v) for k, v in s.student.items() if "same_as" not in v}}
@@ -259,16 +259,16 @@ def test_an_interrupt_names_the_run_directory(signum, code, tmp_path, monkeypatc
 
 
 def test_sigterm_in_training_checkpoints_and_exits_143(tmp_path, monkeypatch, packaged_tokenizer):
-    from compressor import distill
+    from compressor.train import state
 
-    real = distill.check_finite_losses
+    real = state.check_finite_losses
 
     def term_at_step_1(step, values):
         if step == 1 and "gradient norm" in values:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, values)
 
-    monkeypatch.setattr(distill, "check_finite_losses", term_at_step_1)
+    monkeypatch.setattr(state, "check_finite_losses", term_at_step_1)
     with pytest.raises(Interrupted) as err:
         pipeline.run(base_recipe(steps=4), tmp_path, teacher=small_teacher(packaged_tokenizer))
     assert err.value.exit_code == 143 and err.value.has_checkpoint

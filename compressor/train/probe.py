@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from compressor.bert_params import student_parameters
 from compressor.budget import format_duration
 from compressor.data import Batch
-from compressor.distill import make_optimizer, prepare
 from compressor.environment import pick_device
-from compressor.forward import encode
-from compressor.losses import HiddenMaps, StudentLoss, weighted_total
-from compressor.pipeline import make_student
-from compressor.prune.masks import Masks
 from compressor.recipe import Recipe, load_recipe, with_overrides
 from compressor.teacher import Teacher, load_teacher
+from compressor.train.state import TrainingState, make_student
+from compressor.train.step import micro_step, prepare
 
 
 @dataclass(frozen=True)
@@ -43,13 +39,8 @@ def probe_step(r: Recipe, teacher: Teacher, device: torch.device, repeats: int =
     tr = r.train
     teacher.model.to(device)
     student = make_student(teacher, r.student.init, tr.seed).to(device)
-    maps = HiddenMaps(teacher.shape.layers + 1, teacher.shape.hidden).to(device)
-    masks = Masks.full(teacher.shape, device)
-    fade = torch.nn.Parameter(masks.fade.clone())
-    masks = replace(masks, fade=fade)
-    model = StudentLoss(student, maps, fade, teacher.has_mlm_head)
-    params = student_parameters(student)
-    optimizer = make_optimizer(params, maps, r)
+    state = TrainingState.start(r, teacher.shape, student, device)
+    state.wrap(teacher.has_mlm_head, device)
     bf16 = tr.precision == "bf16"
     g = torch.Generator().manual_seed(tr.seed)
     ids = torch.randint(1000, teacher.vocab.vocab, (tr.batch_size, r.data.max_length), generator=g)
@@ -58,12 +49,9 @@ def probe_step(r: Recipe, teacher: Teacher, device: torch.device, repeats: int =
     for i in range(repeats + 1):
         sync(device)
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            t_out = encode(teacher.model, batch.input_ids, batch.attention_mask,
-                           with_logits=teacher.has_mlm_head)  # fmt: skip
-        weighted_total(r.distill, model(r.distill, t_out, masks, batch, 0.0, bf16)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_step(r.distill, teacher, state.model, state.masks, batch, 0, bf16=bf16)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
         sync(device)
         if i:  # the first one warms up
             seconds.append(time.perf_counter() - start)

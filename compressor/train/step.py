@@ -1,0 +1,47 @@
+"""The micro-step, written once: the teacher's forward, the student's loss terms against it, the
+backward pass of their weighted total. Training, the noise floor, the importance probe and the
+timing probe all run it."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.checks import check_finite_losses
+from compressor.data import Batch, mask_tokens
+from compressor.losses import weighted_total
+from compressor.prune.masks import Masks
+from compressor.recipe import DistillSpec, Recipe
+from compressor.teacher import Teacher
+
+
+def prepare(batch: Batch, teacher: Teacher, r: Recipe, step: int, micro: int) -> Batch:
+    """Mask tokens for MLM teachers; the mask is a pure function of (seed, step, micro)."""
+    if not teacher.has_mlm_head:
+        return batch
+    g = torch.Generator().manual_seed(r.train.seed * 1_000_003 + step * 101 + micro)
+    return mask_tokens(batch, teacher.tokenizer, r.distill.mlm_probability, g)
+
+
+def micro_step(
+    d: DistillSpec,
+    teacher: Teacher,
+    model: torch.nn.Module,
+    masks: Masks,
+    batch: Batch,
+    step: int,
+    dropout: float = 0.0,
+    bf16: bool = False,
+    share: int = 1,
+) -> dict[str, float]:
+    """Forward teacher and student on one micro-batch, backward the weighted loss divided by
+    `share` (the micro-batches its gradients are averaged over). `model` is the training state's
+    StudentLoss (under DDP: every backward goes through DDP's forward); `masks.fade` must be its
+    fade. Returns each term and the total; a non-finite one stops training before anything
+    learns from it."""
+    t_out = teacher.encode(batch, bf16)
+    losses = model(d, t_out, masks, batch, dropout, bf16)
+    total = weighted_total(d, losses)
+    values = {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
+    check_finite_losses(step, values)
+    (total / share).backward()
+    return values
