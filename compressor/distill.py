@@ -74,19 +74,7 @@ def distill(
                                teacher_heldout))  # fmt: skip
         log.write(pruner.measure_noise_floor(state, next(corpus.batches(0))[0]))
 
-    def checkpoint(next_step: int) -> None:
-        """Rank 0 writes (with every rank's random generators); the others wait."""
-        rngs = distributed.gather(rng_state(device))
-        if main:
-            save_checkpoint(run_dir, Checkpoint(
-                step=next_step, **state.stored(schedule.events_in(next_step, tr.steps)),
-                **pruner.stored(), torch_rng=rngs[0]["cpu"], rank_rng=rngs,
-                world_size=distributed.world_size(), data=corpus.position(next_step),
-            ))  # fmt: skip
-        distributed.barrier()
-
     batches = corpus.batches(start)
-    bf16 = tr.precision == "bf16"
     last = min(tr.steps, stop_after) if stop_after is not None else tr.steps
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
@@ -100,23 +88,11 @@ def distill(
             for record in pruner.step(step, state):
                 log.write(record)
 
-            # 2. forward teacher and student on each micro-batch of this process's share, backward
-            #    the weighted loss; DDP averages the gradients on the last one. A student that is
-            #    still exactly its teacher has nothing to learn (its gradient is rounding noise)
-            step_batches = next(batches)
+            # 2. forward and backward each micro-batch of this process's share (none while the
+            #    student is still exactly its teacher: its gradient would be rounding noise)
             identity = state.is_teacher_copy()
-            share = [] if identity else distributed.my_share(step_batches)
-            terms: dict[str, float] = {"loss_total": 0.0}
-            shapes = []  # (sequences, length) of each micro-batch, for the model FLOPs
-            for n, (micro, batch) in enumerate(share):
-                batch = prepare(batch, teacher, r, step, micro)
-                shapes.append(meter.add(batch.attention_mask))
-                with distributed.syncing(state.model, sync=n == len(share) - 1):
-                    values = micro_step(r.distill, teacher, state.model, state.masks,
-                                        batch.to(device), step, r.distill.student_dropout, bf16,
-                                        len(share))  # fmt: skip
-                for k, v in values.items():
-                    terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v / tr.grad_accum
+            terms, shapes = train_micro_batches(r, teacher, state, next(batches), step, identity,
+                                                meter, device)  # fmt: skip
 
             # 3. importance from this step's gradients, the optimizer step, pruned weights re-zeroed
             state.learn(step, update=not identity)
@@ -143,11 +119,62 @@ def distill(
                                 **shown)  # fmt: skip
             stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
             if done % tr.checkpoint_every == 0 or stop or done == last:
-                checkpoint(done)
+                events_left = schedule.events_in(done, tr.steps)
+                write_checkpoint(run_dir, done, state, pruner, corpus, events_left, device)
             if stop:
                 raise Interrupted(run_dir, True, stop, distributed.world_size())
     state.check_identical_over_ranks()
     return DistillResult(state.final_masks(), state.maps, last, state.units)
+
+
+def train_micro_batches(
+    r: Recipe,
+    teacher: Teacher,
+    state: TrainingState,
+    step_batches: list,
+    step: int,
+    identity: bool,
+    meter: Throughput,
+    device: torch.device,
+) -> tuple[dict[str, float], list[tuple[int, int]]]:
+    """Forward teacher and student on each micro-batch of this process's share of the step (all
+    of them in one process; none when `identity`), backward the weighted loss; DDP averages the
+    gradients on the last one. Returns the mean loss terms over the step's micro-batches and the
+    (sequences, length) of each, for the model FLOPs."""
+    bf16 = r.train.precision == "bf16"
+    share = [] if identity else distributed.my_share(step_batches)
+    terms: dict[str, float] = {"loss_total": 0.0}
+    shapes = []
+    for n, (micro, batch) in enumerate(share):
+        batch = prepare(batch, teacher, r, step, micro)
+        shapes.append(meter.add(batch.attention_mask))
+        with distributed.syncing(state.model, sync=n == len(share) - 1):
+            values = micro_step(r.distill, teacher, state.model, state.masks, batch.to(device),
+                                step, r.distill.student_dropout, bf16, len(share))  # fmt: skip
+        for k, v in values.items():
+            terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v / r.train.grad_accum
+    return terms, shapes
+
+
+def write_checkpoint(
+    run_dir: Path,
+    next_step: int,
+    state: TrainingState,
+    pruner: Pruner,
+    corpus: Corpus,
+    events_left: bool,
+    device: torch.device,
+) -> None:
+    """Rank 0 writes (with every rank's random generators); the others wait. The importance EMA
+    is stored only while pruning events are left to read it."""
+    rngs = distributed.gather(rng_state(device))
+    if distributed.is_main():
+        save_checkpoint(run_dir, Checkpoint(
+            step=next_step, **state.stored(events_left), **pruner.stored(),
+            torch_rng=rngs[0]["cpu"], rank_rng=rngs, world_size=distributed.world_size(),
+            data=corpus.position(next_step),
+        ))  # fmt: skip
+    distributed.barrier()
 
 
 def restore(

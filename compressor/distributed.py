@@ -22,6 +22,7 @@ The run directory must be on a file system every process sees (one machine: alwa
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -118,8 +119,17 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
         module,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,
-        forward_sync_buffers=False,  # the buffers are constants (position ids)
+        **no_buffer_sync(),
     )
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword that stops it syncing buffers at every forward (they are constants: position
+    ids): `forward_sync_buffers` where this torch has it (2.13), else `broadcast_buffers`, the
+    keyword every earlier torch (2.11 on the GPU machines) takes."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
 
 
 def syncing(module: nn.Module, sync: bool):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from compressor import pipeline
+from compressor import distributed, pipeline
 from compressor.errors import CheckFailed, RecipeError
 from compressor.forward import encode
 from compressor.losses import HiddenMaps, StudentLoss
@@ -212,3 +212,15 @@ def test_cuda_random_state_is_saved_and_restored(monkeypatch):
     set_rng_state(state, gpu)
     assert calls["cuda"].tolist() == [7, 8]
     assert "cuda" not in rng_state(torch.device("cpu"))
+
+
+def test_ddp_is_told_not_to_sync_buffers_in_the_keyword_this_torch_knows(monkeypatch):
+    """torch 2.13 has `forward_sync_buffers`; 2.11 (the GPU machines') only `broadcast_buffers`,
+    and refused the newer keyword at start-up."""
+    assert distributed.no_buffer_sync() == {"forward_sync_buffers": False}  # the pinned torch
+
+    class OlderDDP:  # the signature of torch 2.11's DistributedDataParallel, where it matters
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, **kw): ...
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OlderDDP)
+    assert distributed.no_buffer_sync() == {"broadcast_buffers": False}
