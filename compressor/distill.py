@@ -23,7 +23,7 @@ from compressor import distributed
 from compressor.bert_params import pooler
 from compressor.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from compressor.data import Batch, Corpus
-from compressor.errors import Interrupted, RecipeError
+from compressor.errors import Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import HiddenMaps, prediction_kl, representation_cosine
 from compressor.metrics import MetricsLog
@@ -58,7 +58,6 @@ def distill(
     stop_after: int | None = None,
 ) -> DistillResult:
     r, tr = recipe, recipe.train
-    refuse_progressive_slim_under_torchrun(r)
     schedule = Schedule.of(r.pruning, teacher.shape, r.target.shape())
     state = TrainingState.start(r, teacher.shape, student, device)
     heldout = corpus.heldout.to(device)
@@ -95,7 +94,7 @@ def distill(
                                                 meter, device)  # fmt: skip
 
             # 3. importance from this step's gradients, the optimizer step, pruned weights re-zeroed
-            state.learn(step, update=not identity)
+            state.learn(step, update=not identity, rank=schedule.events_in(step + 1, tr.steps))
 
             # 4. metrics, held-out discrepancy, checkpoint
             done, widths = step + 1, state.final_masks().widths()
@@ -192,15 +191,6 @@ def restore(
     rngs = ckpt.rank_rng or [{"cpu": ckpt.torch_rng}]
     set_rng_state(rngs[distributed.rank()], device)
     return int(ckpt.step)
-
-
-def refuse_progressive_slim_under_torchrun(r: Recipe) -> None:
-    if r.pruning.progressive_slim and distributed.world_size() > 1:
-        raise RecipeError(r.name, [
-            f"pruning.progressive_slim: not supported under torchrun (world size"
-            f" {distributed.world_size()}): DDP wraps the student at its first shape; set it to"
-            " false, or train in one process"
-        ])  # fmt: skip
 
 
 @torch.no_grad()

@@ -78,10 +78,23 @@ def single_and_ddp(recipe_file, tmp_path_factory):
     return single.run_dir, list((out / "ddp").glob("*/*")), done
 
 
-def test_two_processes_train_what_one_trains(single_and_ddp):
+@pytest.fixture(scope="module")
+def single_and_ddp_progressive(recipe_file, tmp_path_factory):
+    """The same with progressive slimming: each pruning event cuts the student, and DDP is built
+    again around the narrower one."""
+    out, on = tmp_path_factory.mktemp("runs-progressive"), "pruning.progressive_slim=true"
+    single = pipeline.run(recipe_file, output=out / "single", overrides=[on])
+    done = torchrun(2, "run", str(recipe_file), "--output", str(out / "ddp"), "--set", on)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return single.run_dir, list((out / "ddp").glob("*/*")), done
+
+
+@pytest.mark.parametrize("runs", ["single_and_ddp", "single_and_ddp_progressive"])
+def test_two_processes_train_what_one_trains(runs, request):
     """Same global batch (4 micro-batches of 2): the same plan (masks) exactly, the same weights
-    within float tolerance (the order of the gradient sums differs), the same metrics."""
-    single, ddp_dirs, _ = single_and_ddp
+    within float tolerance (the order of the gradient sums differs), the same metrics; with
+    progressive slimming, the same cuts."""
+    single, ddp_dirs, _ = request.getfixturevalue(runs)
     (ddp,) = ddp_dirs  # one run directory: rank 1 made none of its own
     assert json.loads((ddp / "plan.json").read_text()) == json.loads(
         (single / "plan.json").read_text()

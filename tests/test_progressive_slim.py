@@ -9,10 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor import distributed, pipeline
+from compressor import pipeline
 from compressor.bert_params import student_parameters
-from compressor.distill import distill
-from compressor.errors import RecipeError
 from compressor.forward import encode
 from compressor.metrics import read_metrics
 from compressor.prune.importance import EmaState, entry_scores, structure_scores, update_state
@@ -203,17 +201,6 @@ def test_resume_across_a_cut_equals_uninterrupted(progressive, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     plan = json.loads((resumed.run_dir / "plan.json").read_text())
     assert plan == json.loads((progressive.run_dir / "plan.json").read_text())
-
-
-def test_progressive_slimming_is_refused_under_torchrun(monkeypatch, packaged_teacher, tmp_path):
-    recipe = load_recipe(TINY)
-    recipe = recipe.model_copy(
-        update={"pruning": recipe.pruning.model_copy(update={"progressive_slim": True})}
-    )
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    student = copy.deepcopy(packaged_teacher.model)
-    with pytest.raises(RecipeError, match="progressive_slim: not supported under torchrun"):
-        distill(recipe, packaged_teacher, student, None, tmp_path, torch.device("cpu"))
 
 
 def test_the_check_after_a_cut_fails_on_a_wrong_cut_and_on_nan():

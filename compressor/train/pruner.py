@@ -116,6 +116,7 @@ class Pruner:
         cut = Units.kept(state.masks)
         if cut.is_identity_of(state.masks.tensor_shape()):
             return []
+        distributed.check_identical(cut.to_dict(), f"the units cut at step {step}")
         held = self.heldout
         with torch.no_grad():
             before = encode(state.student, held.input_ids, held.attention_mask, state.masks)

@@ -192,6 +192,7 @@ class TrainingState:
     initial: dict[str, torch.Tensor]
     units: Units | None = None
     model: torch.nn.Module | None = None
+    wrapped: tuple[bool, torch.device] | None = None  # what `model` was built with
 
     @classmethod
     def start(
@@ -248,10 +249,12 @@ class TrainingState:
     # ------------------------------------------------------------------ training
 
     def wrap(self, with_logits: bool, device: torch.device) -> None:
-        """Build the module the micro-steps run (under torchrun: DDP-wrapped)."""
+        """Build the module the micro-steps run (under torchrun: DDP-wrapped; a cut builds it
+        again, since DDP holds the parameters it was built with)."""
         loss = StudentLoss(self.student, self.maps, self.fade, with_logits)
+        loss.correspondence = self.correspondence()
         self.model = distributed.wrap(loss, device)
-        self.model.correspondence = self.correspondence()
+        self.wrapped = (with_logits, device)
 
     def correspondence(self) -> Correspondence | None:
         u = self.units
@@ -261,15 +264,15 @@ class TrainingState:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def learn(self, step: int, update: bool) -> None:
+    def learn(self, step: int, update: bool, rank: bool) -> None:
         """After the micro-steps' backward passes: importance from this step's gradients
-        (dL/dtheta, before clipping), clipping, the optimizer step (when `update`: a student that
-        still is its teacher learns nothing); then the gradients cleared and the pruned weights
-        re-zeroed."""
+        (dL/dtheta, before clipping; only while `rank`: a pruning event is left to read it),
+        clipping, the optimizer step (when `update`: a student that still is its teacher learns
+        nothing); then the gradients cleared and the pruned weights re-zeroed."""
         p, tr = self.recipe.pruning, self.recipe.train
         if update:
             params = self.params
-            if p.importance != "truncate":
+            if rank and p.importance != "truncate":
                 update_state(self.importance, {**params, FADE: self.fade}, p.importance, p.beta1,
                              p.beta2)  # fmt: skip
             norm = clip_grad_norm_([*params.values(), *self.maps.parameters()], tr.max_grad_norm)
@@ -312,7 +315,7 @@ class TrainingState:
         self.set_masks(new_masks)
         self.units = (self.units or Units.identity(self.full)).then(cut)
         if self.model is not None:
-            self.model.fade, self.model.correspondence = self.fade, self.correspondence()
+            self.wrap(*self.wrapped)
 
     # ------------------------------------------------------------------ checkpoints
 
