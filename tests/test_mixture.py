@@ -115,7 +115,7 @@ def test_a_mixed_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(
     """Through the training loop: the importance probes and the steps read the mixture, and a
     run stopped at step 3 and resumed ends step 6 where an uninterrupted run does."""
     raw = recipe_to_dict(base_recipe(steps=8))
-    raw["data"] = {**raw["data"], "source": None, "sources": sources(tmp_path), "pack": False,
+    raw["data"] = {**raw["data"], "source": None, "sources": sources(tmp_path / "text"), "pack": False,
                    "streaming": True, "shuffle_buffer": 16}  # fmt: skip
     raw["pruning"].update(end_step=5, interval=1, probe_batches=2)
     recipe = parse_recipe(raw)
@@ -126,8 +126,19 @@ def test_a_mixed_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(
     pipeline.resume(b.run_dir, stop_after=6, teacher=small_teacher(tok), register=False)
     sa, sb = load_checkpoint(a.run_dir), load_checkpoint(b.run_dir)
     assert sa.step == sb.step == 6 and sa.data == sb.data
-    for k, v in sa.student.items():
-        assert torch.allclose(v.float(), sb.student[k].float(), atol=1e-6), k
+    assert_same(sa.masks, sb.masks)
+    assert_same(sa.student, sb.student)
+
+
+def assert_same(x, y, where="") -> None:
+    if isinstance(x, torch.Tensor):
+        assert x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=1e-6), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}.{k}")
+    else:
+        assert x == y, where
 
 
 def mixed_recipe(data_sources, **data):
