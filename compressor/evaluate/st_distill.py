@@ -107,7 +107,7 @@ def down_projection(teacher_st, texts: list[str], dim: int, seed: int):
     embeddings = teacher_st.encode(texts, batch_size=ENCODE_BATCH, convert_to_numpy=True)
     pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(embeddings)
     dense = Dense(in_features=embeddings.shape[1], out_features=dim, bias=False,
-                         activation_function=torch.nn.Identity())  # fmt: skip
+                  activation_function=torch.nn.Identity())  # fmt: skip
     dense.linear.weight = torch.nn.Parameter(torch.tensor(pca.components_, dtype=torch.float32))
     return dense, float(pca.explained_variance_ratio_.sum())
 
