@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from compressor import pipeline
+from compressor.data import Corpus
 from compressor.errors import RecipeError
 from compressor.evaluate.baselines import (
     VARIANTS,
@@ -296,12 +297,13 @@ def test_st_distill_trains_with_sentence_transformers_mse_loss(
 
     from compressor.evaluate.st_distill import st_distill
 
-    calls = []
+    calls, seen = [], []
 
     class Spy(losses.MSELoss):
-        def forward(self, *args, **kwargs):
-            value = super().forward(*args, **kwargs)
+        def forward(self, sentence_features, labels):
+            value = super().forward(sentence_features, labels)
             calls.append(float(value.detach()))
+            seen.append(sentence_features[0]["input_ids"] * sentence_features[0]["attention_mask"])
             return value
 
     recipe = st_recipe()
@@ -310,6 +312,14 @@ def test_st_distill_trains_with_sentence_transformers_mse_loss(
         spied = st_distill(recipe, tmp_path / "a", teacher=small_teacher(packaged_tokenizer))
     assert len(calls) == recipe.train.steps  # one micro-batch a step, every one through MSELoss
     assert sum(calls[-3:]) < 0.7 * sum(calls[:3])
+    # step s trained on HomoDistil's step-s sequences, token for token
+    homodistil = Corpus(recipe.data, packaged_tokenizer, 0, 4, 1).batches(0)
+    for step_ids in seen:
+        want = next(homodistil)[0].input_ids
+        assert (
+            torch.equal(step_ids[:, : want.shape[1]], want)
+            and not step_ids[:, want.shape[1] :].any()
+        )
     res = st_distill(recipe, tmp_path / "b", teacher=small_teacher(packaged_tokenizer))
     record = json.loads((res.run_dir / "st_distill.json").read_text())
     assert record["loss"] == "sentence_transformers.sentence_transformer.losses.mse.MSELoss"
