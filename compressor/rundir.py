@@ -10,6 +10,7 @@ light on purpose (no torch, no pydantic): `compress zoo list` and `--help` impor
       onnx/  verify.json  benchmark.json               deployment stages
       model/onnx/model.onnx                            (sentence encoders) the pooled graph
       evaluations.json                                 downstream evaluations (compress eval)
+      st_distill.json                                  (the st_distill baseline) how it trained
 
 A zoo entry holds the same files plus manifest.json and README.md (the model card).
 """
@@ -42,6 +43,7 @@ ONNX_DIR = "onnx"
 VERIFY_FILE = "verify.json"
 BENCH_FILE = "benchmark.json"
 EVALS_FILE = "evaluations.json"  # downstream evaluations (compress eval)
+ST_DISTILL_FILE = "st_distill.json"  # how the `st_distill` baseline was trained (its loss, PCA)
 LEGACY_EVALS_FILE = "metrics.json"  # its name before 0.2; read, and kept where it already exists
 
 # inside onnx/

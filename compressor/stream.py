@@ -108,6 +108,10 @@ class TextStream:
         self._reading = threading.Lock()
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress-tokenize")
 
+    def position_from(self, saved: dict[str, Any]) -> Position:
+        """A position that `Position.to_dict` saved (in a checkpoint)."""
+        return Position.from_dict(saved)
+
     def _texts(self, rows) -> Iterator[str]:
         """The non-blank texts of the source; DataError for a missing or non-string field."""
         field = self.spec.text_field

@@ -10,12 +10,13 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from compressor import pipeline
-from compressor.baselines import (
+from compressor.baselines.variants import (
     VARIANTS,
     aggregate,
     markdown_table,
     variant_recipe,
 )
+from compressor.data import Corpus
 from compressor.errors import RecipeError
 from compressor.evaluate.settings import EvalSettings
 from compressor.metrics import read_metrics
@@ -232,7 +233,7 @@ def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
     (another lr, a stale output directory) is refused by name, never silently counted."""
     import yaml
 
-    from compressor.baselines import run_variant
+    from compressor.baselines.variants import run_variant
     from compressor.errors import RunDirError
 
     recipe = variant_recipe(base_recipe(), "homodistil", seed=0)
@@ -250,7 +251,7 @@ def test_jobs_train_in_parallel_processes_what_one_process_trains(tmp_path):
     """`--jobs 2`: the runs of a comparison trained two at a time in worker processes end with
     the same weights as when trained one by one; unset threads are refused, and a worker's typed
     error reaches the parent with its message and exit code."""
-    from compressor.baselines import run_variant, train_all
+    from compressor.baselines.variants import run_variant, train_all
     from compressor.errors import CompressError
 
     base = with_overrides(load_recipe(RECIPES / "tiny-test.yaml"), ["train.threads=1"])
@@ -271,3 +272,104 @@ def test_jobs_train_in_parallel_processes_what_one_process_trains(tmp_path):
     with pytest.raises(CompressError, match="another recipe") as err:
         train_all([("homodistil", 0, stale)], tmp_path / "parallel", jobs=2)
     assert err.value.exit_code == 2
+
+
+def st_recipe(steps: int = 10, lr: float = 1e-3):
+    """The tiny base recipe as the st_distill variant: one text per sequence, 4 a step, enough
+    training texts (steps x 4 >= 32) for the PCA down-projection to the student's 32 dims."""
+    raw = recipe_to_dict(variant_recipe(base_recipe(steps, lr), "st_distill", seed=0))
+    raw["train"].update(batch_size=4, eval_every=5)
+    raw["data"].update(pack=False, heldout=8)
+    return parse_recipe(raw)
+
+
+def test_st_distill_trains_with_sentence_transformers_mse_loss(
+    tmp_path, packaged_tokenizer, monkeypatch
+):
+    """The users' baseline is the sentence-transformers recipe run by sentence-transformers: its
+    MSELoss computes every training step's loss (a spy subclass counts the calls; swap the loss
+    and it is never called), the loss falls, the student's embeddings move toward the teacher's
+    (PCA-projected) ones, on HomoDistil's texts, and a second run with the same seed ends with
+    the same weights."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses
+    from transformers import AutoModel
+
+    from compressor.baselines.st_distill import st_distill
+
+    calls, seen = [], []
+
+    class Spy(losses.MSELoss):
+        def forward(self, sentence_features, labels):
+            value = super().forward(sentence_features, labels)
+            calls.append(float(value.detach()))
+            seen.append(sentence_features[0]["input_ids"] * sentence_features[0]["attention_mask"])
+            return value
+
+    recipe = st_recipe()
+    with monkeypatch.context() as m:
+        m.setattr(losses, "MSELoss", Spy)
+        spied = st_distill(recipe, tmp_path / "a", teacher=small_teacher(packaged_tokenizer))
+    assert len(calls) == recipe.train.steps  # one micro-batch a step, every one through MSELoss
+    assert sum(calls[-3:]) < 0.7 * sum(calls[:3])
+    # step s trained on HomoDistil's step-s sequences, token for token
+    homodistil = Corpus(recipe.data, packaged_tokenizer, 0, 4, 1).batches(0)
+    for step_ids in seen:
+        want = next(homodistil)[0].input_ids
+        assert (
+            torch.equal(step_ids[:, : want.shape[1]], want)
+            and not step_ids[:, want.shape[1] :].any()
+        )
+    res = st_distill(recipe, tmp_path / "b", teacher=small_teacher(packaged_tokenizer))
+    record = json.loads((res.run_dir / "st_distill.json").read_text())
+    assert record["loss"] == "sentence_transformers.sentence_transformer.losses.mse.MSELoss"
+    assert record["trainer"].endswith(".SentenceTransformerTrainer")
+    assert record["teacher_projection"] == "pca" and record["texts"] == 10 * 4
+    mse = record["embedding_mse"]
+    assert mse["after"] < 0.6 * mse["before"]
+    logged = [r["loss_mse"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss_mse" in r]
+    assert logged[-1] < logged[0]
+
+    # the same texts and tokens as HomoDistil's steps, and the slice's layers and widths
+    assert res.summary["checks"]["retokenized_mismatches"] == 0
+    plan = json.loads((res.run_dir / "plan.json").read_text())
+    assert plan["layers"] == [1, 3, 5] and plan["hidden"] == list(range(32))
+    assert Shape(**res.summary["student_shape"]) == Shape(3, 32, 2, 16, 64)
+    assert res.summary["steps"] == 10 and 0 < res.summary["quality"]["similarity_spearman"] < 1
+    steps = [r["step"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "discrepancy" in r]
+    assert steps == [0, 5, 10]
+    # deterministic under the seed; a stock transformers model with sentence-transformers files
+    a = load_file(spied.run_dir / "model" / "model.safetensors")
+    b = load_file(res.run_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert AutoModel.from_pretrained(res.run_dir / "model").config.hidden_size == 32
+    st = SentenceTransformer(str(res.run_dir / "model"), device="cpu")
+    assert st.get_embedding_dimension() == 32
+    assert res.summary["checks"]["st_reload_max_abs"] < 1e-5
+
+
+def test_st_distill_is_a_variant_trained_by_sentence_transformers(tmp_path, monkeypatch):
+    """`compress baselines --baselines st_distill`: the variant is the slice's recipe (same
+    target, data, steps, batch, seed) and its run is made by st_distill, not the pipeline."""
+    from compressor.baselines import variants as baselines
+
+    base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
+    r = variant_recipe(base, "st_distill", seed=1)
+    assert (r.target, r.data, r.train.steps, r.train.batch_size, r.train.seed) == (
+        base.target, base.data, base.train.steps, base.train.batch_size, 1
+    )  # fmt: skip
+    assert (r.pruning.importance, r.pruning.layer_selection) == ("truncate", "uniform")
+    made = []
+    monkeypatch.setattr(baselines, "st_distill",
+                        lambda recipe, root: made.append(recipe) or pipeline.RunResult(root, {}))  # fmt: skip
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("trained by the pipeline"))
+    assert baselines.run_variant("st_distill", r, tmp_path) == tmp_path
+    assert made == [r]
+
+
+def test_st_distill_refuses_too_few_texts_for_its_projection(tmp_path, packaged_tokenizer):
+    from compressor.baselines.st_distill import st_distill
+
+    with pytest.raises(RecipeError, match="needs at least 32 training texts"):
+        st_distill(st_recipe(steps=2), tmp_path, teacher=small_teacher(packaged_tokenizer))
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.glob("*/*"))

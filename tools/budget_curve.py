@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from compressor.baselines import compare
+from compressor.baselines.variants import compare
 from compressor.evaluate.settings import EvalSettings
 from compressor.recipe import load_recipe
 

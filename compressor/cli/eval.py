@@ -123,7 +123,7 @@ def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length
                 max_eval, overrides, out, jobs) -> None:  # fmt: skip
     """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
     evaluate every student, and write a results table and plots."""
-    from compressor.baselines import compare
+    from compressor.baselines.variants import compare
     from compressor.rundir import (
         BASELINES_CURVES_PNG,
         BASELINES_RESULTS_MD,

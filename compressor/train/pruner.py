@@ -168,7 +168,7 @@ class Pruner:
         over the noise floor. Without a floor every margin is infinite: the gradients are real."""
         masks = state.masks
         mean = state.importance.mean_importance(self.recipe.pruning.beta1)
-        head_dim = self.schedule.full.head_dim
+        head_dim = masks.qk.shape[2]  # the student's own, once a progressive slim cut it
         kinds = {**structure_scores(state.student, mean, head_dim, masks.layers),
                  "layers": mean[FADE]}  # fmt: skip
         if floor is None:

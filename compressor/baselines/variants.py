@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from compressor import pipeline
+from compressor.baselines.st_distill import st_distill
 from compressor.checkpoint import has_checkpoint
 from compressor.errors import CompressError, RecipeError
 from compressor.evaluate.evaluation import recorded_or_evaluated
@@ -53,14 +54,19 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "one_shot": {"pruning": ONE_SHOT},
     "distilbert": {"pruning": TRUNCATE},
     "random": {"student": {"init": "random"}, "pruning": TRUNCATE},
+    # trained by sentence-transformers, not by the pipeline: see ST_TRAINED
+    "st_distill": {"pruning": TRUNCATE},
 }
 UNTRAINED = {"slice"}
+ST_TRAINED = {"st_distill"}  # evaluate/st_distill.py
 DESCRIPTIONS = {
     "homodistil": "iterative pruning while distilling (the recipe)",
     "slice": "the teacher's evenly spaced layers and first-k widths, no training at all",
     "one_shot": "(a) prune to the target at step 0 by sensitivity, then distil",
     "distilbert": "(b) DistilBERT-style init: evenly spaced layers, first-k widths, then distil",
     "random": "(c) random init at the target shape, then distil",
+    "st_distill": "(d) the sentence-transformers distillation recipe: the slice, trained with"
+    " its MSELoss on the teacher's (PCA-projected) sentence embeddings by its own trainer",
 }
 
 
@@ -88,6 +94,8 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
             return pipeline.resume(require_same_recipe(d, recipe)).run_dir
     if variant in UNTRAINED:
         return pipeline.untrained_slice(recipe, runs_root).run_dir
+    if variant in ST_TRAINED:
+        return st_distill(recipe, runs_root).run_dir
     return pipeline.run(recipe, runs_root).run_dir
 
 
