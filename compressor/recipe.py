@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from compressor.arch import architecture_for
 from compressor.errors import RecipeError, RunDirError
 from compressor.evaluate.settings import OFFLINE_TASKS
 from compressor.rundir import RECIPE_FILE, require_run_dir
@@ -671,11 +672,12 @@ def _section_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
-    """Checks the target against the teacher's config (a dict of BertConfig fields)."""
+    """Checks the target against the teacher's config (a dict of its fields, teacher.
+    checked_config's: a supported family, sizes filled in)."""
     p: list[str] = []
-    t_layers, t_hidden = teacher["num_hidden_layers"], teacher["hidden_size"]
-    t_heads, t_ffn = teacher["num_attention_heads"], teacher["intermediate_size"]
-    t_head_dim = t_hidden // t_heads
+    full = Shape.of_config(teacher)
+    t_layers, t_hidden, t_heads, t_ffn = full.layers, full.hidden, full.heads, full.ffn
+    t_head_dim = full.head_dim
     want = {
         "layers": (r.target.layers, t_layers),
         "hidden": (r.target.hidden, t_hidden),
@@ -703,7 +705,7 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
                 f"pruning.structures: the target shrinks {kind} but '{kind}' is not listed"
                 f" (listed: {', '.join(r.pruning.structures)})"
             )
-    positions = teacher.get("max_position_embeddings", 512)
+    positions = architecture_for(teacher).max_tokens(teacher)
     for key, sizes in (
         ("data.max_length", (r.data.max_length,)),
         ("export.seq_lengths", r.export.seq_lengths if r.export.onnx else (0,)),
