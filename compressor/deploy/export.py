@@ -124,7 +124,8 @@ def _known_export_warnings_silenced() -> Iterator[None]:
       allows transformers 4.x) still passes `torch_dtype=float32` to from_pretrained;
     - the tracer notes that `torch.tensor(1.0)` in transformers' attention-mask inversion becomes
       a constant of the graph: it is the constant 1.0 on every call, so the trace is right (and
-      the verification checks every output on padded inputs anyway);
+      the verification checks every output on padded inputs anyway); likewise the padding-id
+      range check of an embedding with a padding row (RoBERTa's and MPNet's positions);
     - torch 2.13 deprecates the TorchScript-based exporter that optimum-onnx 0.1.0 (and our
       fallback, for the same graphs) uses (DeprecationWarnings, shown under pytest);
     - with an MLM head, optimum's tied-weight deduplication announces that the decoder's
@@ -145,6 +146,12 @@ def _known_export_warnings_silenced() -> Iterator[None]:
                 message="torch.tensor results are registered as constants in the trace",
                 category=torch.jit.TracerWarning,
                 module="transformers.modeling_attn_mask_utils",
+            )
+            warnings.filterwarnings(  # F.embedding's padding_idx range check, a constant here
+                "ignore",
+                message="Converting a tensor to a Python boolean might cause the trace",
+                category=torch.jit.TracerWarning,
+                module="torch.nn.functional",
             )
             for text in ("You are using the legacy TorchScript-based ONNX export",
                          "The feature will be removed. Please remove usage of this function"):  # fmt: skip
