@@ -44,18 +44,16 @@ BERT_LIKE = dict(
     hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )  # fmt: skip
-# family -> (stock config of FULL's shape, pad id, whether it has token types)
+DISTIL_LIKE = dict(dim=32, n_layers=3, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0)
+# family (and variant) -> its stock config at FULL's shape
 CONFIGS = {
     "bert": lambda **kw: BertConfig(**BERT_LIKE, **kw),
     "roberta": lambda **kw: RobertaConfig(**BERT_LIKE, type_vocab_size=1, **kw),
     "xlm-roberta": lambda **kw: XLMRobertaConfig(**BERT_LIKE, type_vocab_size=1, **kw),
     "camembert": lambda **kw: CamembertConfig(**BERT_LIKE, type_vocab_size=1, **kw),
-    "distilbert": lambda **kw: DistilBertConfig(
-        dim=32, n_layers=3, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0, **kw
-    ),
+    "distilbert": lambda **kw: DistilBertConfig(**DISTIL_LIKE, **kw),
     "distilbert-sinusoidal": lambda **kw: DistilBertConfig(
-        dim=32, n_layers=3, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0,
-        sinusoidal_pos_embds=True, **kw,
+        **DISTIL_LIKE, sinusoidal_pos_embds=True, **kw
     ),
     "mpnet": lambda **kw: MPNetConfig(**BERT_LIKE, **kw),
 }
