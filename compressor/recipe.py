@@ -162,7 +162,7 @@ class DataSpec(_Frozen):
 
 
 class TargetShape(_Frozen):
-    """The student's final shape. Uniform widths, so it is a stock BertConfig."""
+    """The student's final shape. Uniform widths, so it is a stock config of the teacher's family."""
 
     layers: int = Field(ge=1)
     hidden: int = Field(ge=1)
@@ -603,7 +603,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.target.hidden % r.target.heads:
         p.append(
             f"target.hidden: {r.target.hidden} is not divisible by target.heads ({r.target.heads});"
-            " a stock BertConfig needs hidden == heads * head_dim"
+            " a stock encoder config needs hidden == heads * head_dim"
         )
     if r.pruning.end_step >= r.train.steps:
         p.append(
