@@ -8,6 +8,7 @@ import copy
 import json
 from dataclasses import replace
 
+import onnxruntime as ort
 import pytest
 import torch
 from transformers import (
@@ -205,7 +206,8 @@ def test_progressive_cut_computes_what_the_masks_do(family):
 def test_onnx_export_verifies_in_onnxruntime(family, tmp_path, packaged_tokenizer):
     model = tiny(family, seed=3, vocab_size=packaged_tokenizer.vocab_size,
                  max_position_embeddings=64)  # fmt: skip
-    small = slim(model, PrunePlan.from_masks(random_masks(model, 3), FULL))
+    masks = random_masks(model, 3)
+    small = slim(model, PrunePlan.from_masks(masks, FULL))
     model_dir, onnx_dir = tmp_path / "model", tmp_path / "onnx"
     tok = family_tokenizer(model, packaged_tokenizer, tmp_path / "tok")
     save_slim_model(small, tok, {}, model_dir)
@@ -214,6 +216,15 @@ def test_onnx_export_verifies_in_onnxruntime(family, tmp_path, packaged_tokenize
     save_samples(onnx_dir, model_dir, TEXTS, (1, 3), (8, 32))
     r = verify_export(onnx_dir, ONNX_FILE, TOL)
     assert r.passed, r.failures
+    # and the graph computes what the masked teacher did (the adapter's forward)
+    ids, att = batch_for(model)
+    sess = ort.InferenceSession(str(onnx_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": att, "token_type_ids": torch.zeros_like(ids)}
+    names = [i.name for i in sess.get_inputs()]
+    (got,) = sess.run(["last_hidden_state"], {n: feed[n].numpy() for n in names})
+    with torch.no_grad():
+        want = encode(model, ids, att, masks).hidden_states[-1][..., masks.hidden]
+    assert (real(torch.from_numpy(got), att) - real(want, att)).abs().max() < 1e-4
 
 
 def test_mpnet_scores_keep_the_same_heads_in_every_layer():
