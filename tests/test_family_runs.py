@@ -105,6 +105,9 @@ def test_compress_run_registers_a_stock_model_of_the_family(family, tmp_path, pa
     write_teacher(family, tmp_path / "teacher", packaged_tokenizer)
     path = tmp_path / f"tiny-{family}.yaml"
     path.write_text(yaml.safe_dump(recipe(family, tmp_path / "teacher")))
+    check = CliRunner().invoke(main, ["recipe", "check", str(path)])
+    assert check.exit_code == 0, check.output
+    assert "3L-64H-4A-128I" in check.output and TARGET.label() in check.output
     zoo = tmp_path / "zoo"
     res = CliRunner().invoke(
         main, ["run", str(path), "--output", str(tmp_path / "runs"), "--zoo", str(zoo)]
@@ -121,6 +124,9 @@ def test_compress_run_registers_a_stock_model_of_the_family(family, tmp_path, pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["checks"]["masked_vs_slim_max_abs"] <= 1e-4
     assert summary["export"]["verify"]["model.onnx"]["passed"] is True
+    # the sentence-transformers graph (pooling + normalisation), checked against
+    # sentence-transformers' own embedding of the shipped model
+    assert summary["export"]["verify"]["model/onnx/model.onnx"]["passed"] is True
     # the user's conventions: the tokenizer's inputs and the sentence-transformers layout
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     assert (
