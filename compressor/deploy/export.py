@@ -167,7 +167,8 @@ def _torch_export(model_dir: Path, out_dir: Path, task: str) -> None:
     names = ["input_ids", "attention_mask"]
     if architecture_for(model).embeddings(model).token_type is not None:
         names.append("token_type_ids")
-    example = tuple(torch.ones(2, 16, dtype=torch.long) for _ in names)
+    ones = torch.ones(2, 16, dtype=torch.long)
+    example = (ones, ones, torch.zeros_like(ones))[: len(names)]  # token type 0 always exists
     out_name = "logits" if task == "fill-mask" else "last_hidden_state"
     axes = {0: "batch_size", 1: "sequence_length"}
     dyn = {k: axes for k in (*names, out_name)}
