@@ -94,7 +94,40 @@ def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as err:
         raise TeacherError(f"teacher: cannot read {path} ({cut(str(err))})") from None
-    return checked_config(raw, str(path))
+    cfg = checked_config(raw, str(path))
+    names = checkpoint_tensor_names(Path(src))
+    if config_has_mlm_head(cfg) and names is not None and not has_head_tensors(cfg, names):
+        cfg = as_bare_encoder(cfg)
+    return cfg
+
+
+def checkpoint_tensor_names(model_dir: Path) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint, from its header (or index) alone;
+    None when there is none to read (a hub teacher's config before download, a .bin file)."""
+    index, single = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
+    try:
+        if index.is_file():
+            return set(json.loads(index.read_text())["weight_map"])
+        if single.is_file():
+            with single.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                return set(json.loads(f.read(size))) - {"__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def has_head_tensors(cfg: dict[str, Any], names: set[str]) -> bool:
+    """Whether a checkpoint's tensors include its family's MLM head."""
+    prefixes = architecture_for(cfg).mlm_head_prefixes
+    return any(n.startswith(prefixes) for n in names)
+
+
+def as_bare_encoder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config that names a masked-LM architecture whose checkpoint holds no MLM head (the
+    sentence-transformers all-mpnet-base-v2 says MPNetForMaskedLM): the bare encoder, as it loads."""
+    bare = [a.split("For")[0] + "Model" for a in cfg.get("architectures") or []]
+    return {**cfg, "architectures": bare}
 
 
 def checked_config(cfg: Any, where: str) -> dict[str, Any]:
@@ -184,9 +217,15 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
             f"teacher.id: cannot load '{spec.id}' ({spec.source}): {reason}"
         ) from None
     checked_config(config.to_dict(), f"the config of '{cut(spec.id)}'")
-    cls = AutoModelForMaskedLM if config_has_mlm_head(config.to_dict()) else AutoModel
-    model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager",
-                                local_files_only=local_only)  # fmt: skip
+    load = dict(revision=spec.revision, attn_implementation="eager", local_files_only=local_only)
+    model = None
+    if config_has_mlm_head(config.to_dict()):
+        model, info = AutoModelForMaskedLM.from_pretrained(src, output_loading_info=True, **load)
+        if has_head_tensors(config.to_dict(), set(info["missing_keys"])):  # not in the checkpoint
+            model = None  # a head the checkpoint does not hold would be random: the bare encoder
+    if model is None:
+        model = AutoModel.from_pretrained(src, **load)
+        model.config.architectures = [type(model).__name__]
     tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision,
                                               local_files_only=local_only)  # fmt: skip
     local = Path(src) if Path(src).is_dir() else None

@@ -34,9 +34,10 @@ from compressor.prune.importance import magnitudes, structure_scores
 from compressor.prune.masks import Masks, prune_to, select_layers
 from compressor.prune.progressive import Units, cut_masks, cut_student
 from compressor.prune.slim import PrunePlan, save_slim_model, slim
+from compressor.recipe import TeacherSpec
 from compressor.rundir import ONNX_FILE
-from compressor.shapes import Shape, Vocab
-from compressor.teacher import checked_config
+from compressor.shapes import Shape, Vocab, config_has_mlm_head
+from compressor.teacher import checked_config, load_teacher, read_teacher_config
 
 FULL = Shape(3, 32, 4, 8, 64)
 TARGET = Shape(2, 12, 2, 6, 24)  # every kind pruned: layers, hidden, heads, head dims, FFN
@@ -280,3 +281,23 @@ def test_config_sizes_are_read_through_the_adapter(family):
     assert Shape.of_config(cfg) == Shape.of_config(cfg.to_dict()) == FULL
     checked = checked_config(cfg.to_dict(), "config.json")
     assert Shape.of_config(checked) == FULL
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["no-head-tensors", "head"])
+def test_a_masked_lm_config_without_head_tensors_is_the_bare_encoder(
+    with_head, tmp_path, packaged_tokenizer
+):
+    """all-mpnet-base-v2's config says MPNetForMaskedLM but its checkpoint has no `lm_head`: the
+    teacher is the bare encoder (a random head would be distilled from), in the recipe check as
+    in the loaded model. A checkpoint with the head keeps it."""
+    tiny("mpnet", mlm=with_head).save_pretrained(tmp_path)
+    packaged_tokenizer.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["MPNetForMaskedLM"]})
+    )
+    spec = TeacherSpec(source="local", id=str(tmp_path))
+    assert config_has_mlm_head(read_teacher_config(spec)) is with_head
+    teacher = load_teacher(spec)
+    assert teacher.has_mlm_head is with_head
+    assert type(teacher.model).__name__ == ("MPNetForMaskedLM" if with_head else "MPNetModel")

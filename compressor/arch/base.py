@@ -97,6 +97,7 @@ class Architecture:
     shared_heads: bool = False  # one set of heads for every layer (a bias shared across layers)
     relative_buckets: int = 0  # rows of a relative-position bias table shared by every layer
     has_pooler: bool = True  # the bare encoder (AutoModel) has a pooler
+    mlm_head_prefixes: tuple[str, ...] = ()  # checkpoint tensor names of the MLM head start so
 
     # ------------------------------------------------------------------ modules
     def base_model(self, model: nn.Module) -> nn.Module:

@@ -41,6 +41,7 @@ class BertArchitecture(Architecture):
     )
     defaults = BERT_DEFAULTS
     layer_path = "encoder.layer"
+    mlm_head_prefixes = ("cls.predictions.",)
 
     def embeddings(self, model: nn.Module) -> EmbeddingTensors:
         e = self.base_model(model).embeddings

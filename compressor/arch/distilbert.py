@@ -31,6 +31,7 @@ class DistilBertArchitecture(Architecture):
                 "vocab_size": 30522, "max_position_embeddings": 512}  # fmt: skip
     layer_path = "transformer.layer"
     has_pooler = False
+    mlm_head_prefixes = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")
 
     def embeddings(self, model: nn.Module) -> EmbeddingTensors:
         e = self.base_model(model).embeddings

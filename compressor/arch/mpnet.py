@@ -73,6 +73,7 @@ class MPNetArchitecture(Architecture):
         k: v for k, v in BERT_DEFAULTS.items() if k != "type_vocab_size"
     }
     layer_path = "encoder.layer"
+    mlm_head_prefixes = ("lm_head.",)
     shared_heads = True
     relative_buckets = MPNET_BUCKETS
 

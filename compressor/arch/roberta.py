@@ -29,6 +29,7 @@ def padded_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
 class RobertaArchitecture(BertArchitecture):
     family = "roberta"
     model_types = ("roberta", "xlm-roberta", "camembert")
+    mlm_head_prefixes = ("lm_head.",)
 
     def max_tokens(self, cfg: Any) -> int:
         """Rows 0..padding_idx are never a real token's (514 rows hold 512 tokens)."""
