@@ -218,10 +218,11 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
         ) from None
     checked_config(config.to_dict(), f"the config of '{cut(spec.id)}'")
     load = dict(revision=spec.revision, attn_implementation="eager", local_files_only=local_only)
-    model = None
-    if config_has_mlm_head(config.to_dict()):
+    cfg, model = config.to_dict(), None
+    names = checkpoint_tensor_names(Path(src)) if Path(src).is_dir() else None
+    if config_has_mlm_head(cfg) and (names is None or has_head_tensors(cfg, names)):
         model, info = AutoModelForMaskedLM.from_pretrained(src, output_loading_info=True, **load)
-        if has_head_tensors(config.to_dict(), set(info["missing_keys"])):  # not in the checkpoint
+        if has_head_tensors(cfg, set(info["missing_keys"])):  # not in the checkpoint after all
             model = None  # a head the checkpoint does not hold would be random: the bare encoder
     if model is None:
         model = AutoModel.from_pretrained(src, **load)

@@ -283,21 +283,23 @@ def test_config_sizes_are_read_through_the_adapter(family):
     assert Shape.of_config(checked) == FULL
 
 
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
 @pytest.mark.parametrize("with_head", [False, True], ids=["no-head-tensors", "head"])
 def test_a_masked_lm_config_without_head_tensors_is_the_bare_encoder(
-    with_head, tmp_path, packaged_tokenizer
+    with_head, safetensors, tmp_path, packaged_tokenizer
 ):
     """all-mpnet-base-v2's config says MPNetForMaskedLM but its checkpoint has no `lm_head`: the
     teacher is the bare encoder (a random head would be distilled from), in the recipe check as
-    in the loaded model. A checkpoint with the head keeps it."""
-    tiny("mpnet", mlm=with_head).save_pretrained(tmp_path)
+    in the loaded model (a .bin checkpoint is only known once loaded; the recipe check then
+    trusts the config). A checkpoint with the head keeps it."""
+    tiny("mpnet", mlm=with_head).save_pretrained(tmp_path, safe_serialization=safetensors)
     packaged_tokenizer.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(
         json.dumps({**cfg, "architectures": ["MPNetForMaskedLM"]})
     )
     spec = TeacherSpec(source="local", id=str(tmp_path))
-    assert config_has_mlm_head(read_teacher_config(spec)) is with_head
+    assert config_has_mlm_head(read_teacher_config(spec)) is (with_head or not safetensors)
     teacher = load_teacher(spec)
     assert teacher.has_mlm_head is with_head
     assert type(teacher.model).__name__ == ("MPNetForMaskedLM" if with_head else "MPNetModel")

@@ -165,5 +165,6 @@ def save_slim_model(
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel == "1_Pooling/config.json":
-            content = {**content, "word_embedding_dimension": model.config.hidden_size}
+            hidden = architecture_for(model).sizes(model.config)["hidden"]
+            content = {**content, "word_embedding_dimension": hidden}
         target.write_text(json.dumps(content, indent=2))
