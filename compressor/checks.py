@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
-from compressor.bert_params import student_parameters
+from compressor.arch import architecture_for, student_parameters
 from compressor.data import Batch
 from compressor.errors import CheckFailed
 from compressor.forward import EncoderOutput, encode
@@ -106,7 +106,7 @@ def check_finite_weights(model: nn.Module, where: str) -> None:
 
 def check_param_count(model: nn.Module, shape: Shape, vocab: Vocab, mlm_head: bool) -> int:
     """The slim model's parameter count must equal the closed-form count for its shape."""
-    has_pooler = any(n.endswith("pooler.dense.weight") for n, _ in model.named_parameters())
+    has_pooler = architecture_for(model).pooler(model) is not None
     got = sum(p.numel() for p in student_parameters(model).values())
     want = param_count(shape, vocab, pooler=has_pooler, mlm_head=mlm_head)
     if got != want:

@@ -1,4 +1,5 @@
-"""Model FLOPs of BERT-style encoders, of a distillation step and of a recipe's whole budget, and
+"""Model FLOPs of the supported encoders (every family has BERT's layer; MPNet's relative-position
+bias is an addition, not counted), of a distillation step and of a recipe's whole budget, and
 model FLOPs utilisation (MFU). Pure functions of shapes.
 
 FLOPs are 2 x the multiply-adds of the matrix products (embedding look-ups, LayerNorm, softmax,

@@ -1,4 +1,6 @@
-"""A functional forward pass of a BERT encoder under pruning masks.
+"""A functional forward pass of an encoder under pruning masks (any family compressor/arch/ knows;
+its adapter says where each tensor is, how positions are numbered and what is added to the
+attention scores).
 
 It computes exactly what the physically slimmed model will compute:
 - pruned Q/K/V rows, FFN neurons and hidden dims are zeroed in the activations;
@@ -7,7 +9,7 @@ It computes exactly what the physically slimmed model will compute:
 - a layer being removed is faded to the identity: out = x + fade * (layer(x) - x).
 Under masks the head count and size are the masks' (a progressively slimmed student, whose
 config stays the teacher's, is narrower than its config says).
-With `masks=None` it is the stock BERT forward (eval mode, no dropout): tests hold it to the
+With `masks=None` it is the family's stock forward (eval mode, no dropout): tests hold it to the
 transformers implementation.
 """
 
@@ -19,9 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
-from compressor.bert_params import base_model, layer_tensors, mlm_head
+from compressor.arch import architecture_for
 from compressor.prune.masks import Masks
 
 
@@ -63,19 +64,21 @@ def encode(
     with_logits: bool = False,
     dropout: float = 0.0,
 ) -> EncoderOutput:
-    base = base_model(model)
-    cfg = base.config
-    act = ACT2FN[cfg.hidden_act]
-    n_heads = cfg.num_attention_heads
-    head_dim = cfg.hidden_size // n_heads
+    arch = architecture_for(model)
+    cfg = model.config
+    act = arch.activation(cfg)
+    sizes = arch.sizes(cfg)
+    n_heads = sizes["heads"]
+    head_dim = sizes["hidden"] // n_heads
     scale = 1.0 / math.sqrt(head_dim)  # the config's: a progressively slimmed student keeps it
     if masks is not None:  # the student's current widths (progressive.py cuts it)
         n_heads, head_dim = masks.qk.shape[1], masks.qk.shape[2]
     bsz, seq = input_ids.shape
 
+    emb = arch.embeddings(model)
     hid = masks.hidden if masks is not None else None
     all_hidden = masks is None or bool(hid.all())
-    hmask = None if all_hidden else hid.to(base.embeddings.word_embeddings.weight.dtype)
+    hmask = None if all_hidden else hid.to(emb.word.weight.dtype)
 
     def keep_hidden(x: torch.Tensor) -> torch.Tensor:
         return x if hmask is None else x * hmask
@@ -83,23 +86,23 @@ def encode(
     def drop(x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, dropout) if dropout else x
 
-    emb = base.embeddings
-    positions = torch.arange(seq, device=input_ids.device)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros_like(input_ids)
-    x = (
-        emb.word_embeddings(input_ids)
-        + emb.position_embeddings(positions)[None]
-        + emb.token_type_embeddings(token_type_ids)
-    )
-    x = masked_layer_norm(keep_hidden(x), emb.LayerNorm, hid, all_hidden)
+    positions = arch.position_ids(model, input_ids)
+    x = emb.word(input_ids) + emb.position(positions)
+    if emb.token_type is not None:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = x + emb.token_type(token_type_ids)
+    x = masked_layer_norm(keep_hidden(x), emb.ln, hid, all_hidden)
     if dropout:
         x = F.dropout(x, dropout)
 
     key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    family_bias = arch.attention_bias(model, seq, input_ids.device)  # [H, T, T] or None
+    if family_bias is not None:
+        key_bias = key_bias + family_bias[None].to(x.dtype)
     hidden_states, attentions = [x], []
-    for i in range(len(base.encoder.layer)):
-        t = layer_tensors(model, i)
+    for i in range(arch.num_layers(model)):
+        t = arch.layer(model, i)
         q, k, v = t.q(x), t.k(x), t.v(x)
         if masks is not None:
             qk_rows, vo_rows = masks.qk_rows(i).to(x.dtype), masks.vo_rows(i).to(x.dtype)
@@ -128,12 +131,9 @@ def encode(
         attentions.append(probs)
 
     logits = None
-    head = mlm_head(model)
+    head = arch.mlm_head(model)
     if with_logits and head is not None:
-        tr = head.transform
-        z = masked_layer_norm(
-            keep_hidden(tr.transform_act_fn(tr.dense(x))), tr.LayerNorm, hid, all_hidden
-        )
+        z = masked_layer_norm(keep_hidden(head.act(head.dense(x))), head.ln, hid, all_hidden)
         logits = head.decoder(z)
     return EncoderOutput(hidden_states, attentions, logits)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.arch import architecture_for
 from compressor.budget import recipe_budget
 from compressor.errors import RecipeError
 from compressor.prune.schedule import Schedule
@@ -36,9 +37,11 @@ def plan_report(path: Path, overrides: list[str] = ()) -> str:
     if problems:
         raise RecipeError(str(path), problems)
     full = Shape.of_config(cfg)
-    vocab = Vocab(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"])
+    vocab = Vocab.of_config(cfg)
     mlm = config_has_mlm_head(cfg)
-    n_t, n_s = param_count(full, vocab, mlm_head=mlm), param_count(target, vocab, mlm_head=mlm)
+    pooler = architecture_for(cfg).has_pooler
+    n_t = param_count(full, vocab, pooler=pooler, mlm_head=mlm)
+    n_s = param_count(target, vocab, pooler=pooler, mlm_head=mlm)
     lines += [
         f"  teacher: {recipe.teacher.id} ({recipe.teacher.source}) {full.label()},"
         f" {n_t / 1e6:.1f}M params{' + MLM head' if mlm else ''}",
@@ -56,7 +59,7 @@ def plan_report(path: Path, overrides: list[str] = ()) -> str:
         w = sched.widths_at(step)
         lines.append(
             f"    {step:>5}  {w.layers:>6} {w.hidden:>6} {w.heads:>5} {w.head_dim:>8}"
-            f" {w.ffn:>5} {param_count(w, vocab, mlm_head=mlm) / 1e6:>7.1f}M"
+            f" {w.ffn:>5} {param_count(w, vocab, pooler=pooler, mlm_head=mlm) / 1e6:>7.1f}M"
         )
     lines.append(f"  decisions: {decision_policy(recipe)}")
     lines.append(f"  training memory (rough, fp32): {memory_estimate_gb(recipe, full, n_t):.1f} GB")

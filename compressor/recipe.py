@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from compressor.arch import architecture_for
 from compressor.errors import RecipeError, RunDirError
 from compressor.rundir import RECIPE_FILE, require_run_dir
 from compressor.shapes import Shape, config_has_mlm_head
@@ -220,7 +221,7 @@ def data_problems(d: DataSpec) -> list[str]:
 
 
 class TargetShape(_Frozen):
-    """The student's final shape. Uniform widths, so it is a stock BertConfig."""
+    """The student's final shape. Uniform widths, so it is a stock config of the teacher's family."""
 
     layers: int = Field(ge=1)
     hidden: int = Field(ge=1)
@@ -661,7 +662,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.target.hidden % r.target.heads:
         p.append(
             f"target.hidden: {r.target.hidden} is not divisible by target.heads ({r.target.heads});"
-            " a stock BertConfig needs hidden == heads * head_dim"
+            " a stock encoder config needs hidden == heads * head_dim"
         )
     if r.pruning.end_step >= r.train.steps:
         p.append(
@@ -725,11 +726,12 @@ def _section_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
-    """Checks the target against the teacher's config (a dict of BertConfig fields)."""
+    """Checks the target against the teacher's config (a dict of its fields, teacher.
+    checked_config's: a supported family, sizes filled in)."""
     p: list[str] = []
-    t_layers, t_hidden = teacher["num_hidden_layers"], teacher["hidden_size"]
-    t_heads, t_ffn = teacher["num_attention_heads"], teacher["intermediate_size"]
-    t_head_dim = t_hidden // t_heads
+    full = Shape.of_config(teacher)
+    t_layers, t_hidden, t_heads, t_ffn = full.layers, full.hidden, full.heads, full.ffn
+    t_head_dim = full.head_dim
     want = {
         "layers": (r.target.layers, t_layers),
         "hidden": (r.target.hidden, t_hidden),
@@ -757,7 +759,7 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
                 f"pruning.structures: the target shrinks {kind} but '{kind}' is not listed"
                 f" (listed: {', '.join(r.pruning.structures)})"
             )
-    positions = teacher.get("max_position_embeddings", 512)
+    positions = architecture_for(teacher).max_tokens(teacher)
     for key, sizes in (
         ("data.max_length", (r.data.max_length,)),
         ("export.seq_lengths", r.export.seq_lengths if r.export.onnx else (0,)),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from compressor.bert_params import mlm_head
+from compressor.arch import UnknownArchitecture, architecture_for, unknown_message
 from compressor.errors import TeacherError
 from compressor.packages import package_dir
 from compressor.recipe import TeacherSpec, cut
@@ -27,14 +27,14 @@ PROBE_SECONDS = 1.0
 
 @dataclass
 class Teacher:
-    model: nn.Module  # BertModel or BertForMaskedLM, frozen, eval mode
+    model: nn.Module  # an encoder of a supported family (compressor/arch/), frozen, eval mode
     tokenizer: Any
     source_dir: Path | None  # where its files live (sentence-transformers files are copied)
     name: str
 
     @property
     def has_mlm_head(self) -> bool:
-        return mlm_head(self.model) is not None
+        return architecture_for(self.model).mlm_head(self.model) is not None
 
     @property
     def shape(self) -> Shape:
@@ -42,8 +42,7 @@ class Teacher:
 
     @property
     def vocab(self) -> Vocab:
-        c = self.model.config
-        return Vocab(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
+        return Vocab.of_config(self.model.config)
 
     def encode(self, batch: Any, bf16: bool = False) -> Any:
         """The teacher's outputs on `batch` (input_ids, attention_mask), without gradients:
@@ -69,18 +68,6 @@ def nudged(teacher: Teacher, relative: float, seed: int = 123) -> Teacher:
         for p in teacher.model.parameters():
             p.add_(p.abs() * relative * torch.randn(p.shape, generator=g).to(p.device))
     return teacher
-
-
-# the shape fields every check reads, with BertConfig's defaults for those a config may omit
-CONFIG_SIZES = {
-    "num_hidden_layers": 12,
-    "hidden_size": 768,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "vocab_size": 30522,
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-}
 
 
 def resolve_source(spec: TeacherSpec) -> str:
@@ -111,7 +98,7 @@ def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
     """The teacher's config.json as a checked dict, without loading weights or a deep-learning
     stack; None if a hub teacher is not in the cache while HF_HUB_OFFLINE is set (checked when it
     loads). A hub that cannot be reached is a TeacherError at once (`hub_offline`); so is a local
-    or packaged config that cannot be read or is not a BERT config."""
+    or packaged config that cannot be read or is not of a supported family."""
     src = resolve_source(spec)
     if spec.source == "hub" and (src := hub_config_dir(spec)) is None:
         return None
@@ -120,30 +107,65 @@ def read_teacher_config(spec: TeacherSpec) -> dict[str, Any] | None:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as err:
         raise TeacherError(f"teacher: cannot read {path} ({cut(str(err))})") from None
-    return checked_config(raw, str(path))
+    cfg = checked_config(raw, str(path))
+    names = checkpoint_tensor_names(Path(src))
+    if config_has_mlm_head(cfg) and names is not None and not has_head_tensors(cfg, names):
+        cfg = as_bare_encoder(cfg)
+    return cfg
+
+
+def checkpoint_tensor_names(model_dir: Path) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint, from its header (or index) alone;
+    None when there is none to read (a hub teacher's config before download, a .bin file)."""
+    index, single = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
+    try:
+        if index.is_file():
+            return set(json.loads(index.read_text())["weight_map"])
+        if single.is_file():
+            with single.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                return set(json.loads(f.read(size))) - {"__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def has_head_tensors(cfg: dict[str, Any], names: set[str]) -> bool:
+    """Whether a checkpoint's tensors include its family's MLM head."""
+    prefixes = architecture_for(cfg).mlm_head_prefixes
+    return any(n.startswith(prefixes) for n in names)
+
+
+def as_bare_encoder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config that names a masked-LM architecture whose checkpoint holds no MLM head (the
+    sentence-transformers all-mpnet-base-v2 says MPNetForMaskedLM): the bare encoder, as it loads."""
+    bare = [a.split("For")[0] + "Model" for a in cfg.get("architectures") or []]
+    return {**cfg, "architectures": bare}
 
 
 def checked_config(cfg: Any, where: str) -> dict[str, Any]:
-    """A teacher config (a dict of BertConfig fields) with its sizes filled in and checked: a BERT
-    model type, every size a positive integer, hidden divisible by heads. TeacherError otherwise."""
+    """A teacher config (a dict of its fields) with its sizes filled in (the family's defaults)
+    and checked: a supported model type, every size a positive integer, hidden divisible by
+    heads. TeacherError otherwise."""
     if not isinstance(cfg, dict):
         raise TeacherError(f"teacher: {where} is not a JSON object of config fields")
-    if cfg.get("model_type") != "bert":
-        raise TeacherError(
-            f"teacher: {where} has model_type {cut(repr(cfg.get('model_type')))}; only BERT-style"
-            " encoders (model_type 'bert') are supported"
-        )
-    out = {**CONFIG_SIZES, **cfg}
-    for key in CONFIG_SIZES:
+    try:
+        arch = architecture_for(cfg)
+    except UnknownArchitecture:
+        shown = cut(repr(cfg.get("model_type")))
+        raise TeacherError(f"teacher: {where}: {unknown_message(shown)}") from None
+    out = {**arch.defaults, **cfg}
+    for key in arch.fields.sizes().values():
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
             raise TeacherError(
                 f"teacher: {where}: {key} is {cut(repr(value))}; expected a positive integer"
             )
-    if out["hidden_size"] % out["num_attention_heads"]:
+    hidden, heads = out[arch.fields.hidden], out[arch.fields.heads]
+    if hidden % heads:
         raise TeacherError(
-            f"teacher: {where}: hidden_size {out['hidden_size']} is not divisible by"
-            f" num_attention_heads {out['num_attention_heads']}"
+            f"teacher: {where}: {arch.fields.hidden} {hidden} is not divisible by"
+            f" {arch.fields.heads} {heads}"
         )
     return out
 
@@ -193,7 +215,7 @@ def one_line(err: Exception) -> str:
 
 
 def load_teacher(spec: TeacherSpec) -> Teacher:
-    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertModel
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     src = resolve_source(spec)
     local_only = spec.source == "hub" and hub_offline(spec)
@@ -207,15 +229,17 @@ def load_teacher(spec: TeacherSpec) -> Teacher:
         raise TeacherError(
             f"teacher.id: cannot load '{spec.id}' ({spec.source}): {reason}"
         ) from None
-    if config.model_type != "bert":
-        raise TeacherError(
-            f"teacher.id: '{spec.id}' is a {config.model_type!r} model; only BERT-style encoders"
-            " (model_type 'bert') are supported"
-        )
     checked_config(config.to_dict(), f"the config of '{cut(spec.id)}'")
-    cls = BertForMaskedLM if config_has_mlm_head(config.to_dict()) else BertModel
-    model = cls.from_pretrained(src, revision=spec.revision, attn_implementation="eager",
-                                local_files_only=local_only)  # fmt: skip
+    load = dict(revision=spec.revision, attn_implementation="eager", local_files_only=local_only)
+    cfg, model = config.to_dict(), None
+    names = checkpoint_tensor_names(Path(src)) if Path(src).is_dir() else None
+    if config_has_mlm_head(cfg) and (names is None or has_head_tensors(cfg, names)):
+        model, info = AutoModelForMaskedLM.from_pretrained(src, output_loading_info=True, **load)
+        if has_head_tensors(cfg, set(info["missing_keys"])):  # not in the checkpoint after all
+            model = None  # a head the checkpoint does not hold would be random: the bare encoder
+    if model is None:
+        model = AutoModel.from_pretrained(src, **load)
+        model.config.architectures = [type(model).__name__]
     tokenizer = AutoTokenizer.from_pretrained(src, revision=spec.revision,
                                               local_files_only=local_only)  # fmt: skip
     local = Path(src) if Path(src).is_dir() else None

@@ -33,7 +33,7 @@ from compressor.deploy.export import (
     INT8_FILE,
     ONNX_FILE,
     export_onnx,
-    fuse_bert,
+    fuse_graph,
     quantize_int8,
     save_samples,
 )
@@ -123,7 +123,7 @@ def build_graphs(d: Path, skipln: bool = True) -> dict[str, Path]:
         if not (g / INT8_FILE).exists():
             g.mkdir(parents=True, exist_ok=True)
             shutil.copy(plain / ONNX_FILE, g / ONNX_FILE)
-            fuse_bert(g / ONNX_FILE, config, split=split)
+            fuse_graph(g / ONNX_FILE, config, split=split)
             quantize_int8(g / ONNX_FILE, g / INT8_FILE)
         if split and not (g / STATIC_INT8_FILE).exists():
             quantize_int8_static(g / ONNX_FILE, g / STATIC_INT8_FILE, d / "hf")

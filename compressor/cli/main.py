@@ -40,7 +40,8 @@ def _sigterm(signum, frame):
 
 @click.group(cls=_Group)
 def main() -> None:
-    """HomoDistil: compress a pre-trained BERT-style encoder into a small, fast model."""
+    """HomoDistil: compress a pre-trained encoder (BERT, RoBERTa, XLM-R, DistilBERT, MPNet) into a
+    small, fast model."""
 
 
 @main.command("run")

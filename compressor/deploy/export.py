@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
+from compressor.arch import architecture_for
 from compressor.deploy.sentence import (
     SENTENCE_OUTPUT,
     is_sentence_encoder,
@@ -56,6 +57,8 @@ def export_onnx(
     """Export `model_dir` to `out_dir/model.onnx` (+ tokenizer and config). `optimize` applies
     onnxruntime's BERT fusions (fused attention, skip-LayerNorm, bias-GELU); `int8` adds a
     dynamic int8 model. The verification check covers whatever ends up in the files."""
+    config = AutoConfig.from_pretrained(model_dir)
+    architecture_for(config)  # a family the adapters know, or UnknownArchitecture now
     task = task_of(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -71,12 +74,13 @@ def export_onnx(
             _torch_export(model_dir, out_dir, task)
     if not (out_dir / ONNX_FILE).exists():
         raise CheckFailed(f"export: no {ONNX_FILE} was written to {out_dir}")
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+              "sentencepiece.bpe.model", "special_tokens_map.json"):  # fmt: skip
         if (model_dir / f).exists() and not (out_dir / f).exists():
             shutil.copy(model_dir / f, out_dir / f)
     report: dict[str, Any] = {"exporter": exporter, "task": task, "files": [ONNX_FILE]}
     if optimize:
-        report["fused_ops"] = fuse_bert(out_dir / ONNX_FILE, AutoConfig.from_pretrained(model_dir))
+        report["fused_ops"] = fuse_graph(out_dir / ONNX_FILE, config)
     report["sentence_graph"] = export_sentence_graph(model_dir, out_dir / ONNX_FILE, task)
     if int8:
         quantize_int8(out_dir / ONNX_FILE, out_dir / INT8_FILE)
@@ -120,7 +124,8 @@ def _known_export_warnings_silenced() -> Iterator[None]:
       allows transformers 4.x) still passes `torch_dtype=float32` to from_pretrained;
     - the tracer notes that `torch.tensor(1.0)` in transformers' attention-mask inversion becomes
       a constant of the graph: it is the constant 1.0 on every call, so the trace is right (and
-      the verification checks every output on padded inputs anyway);
+      the verification checks every output on padded inputs anyway); likewise the padding-id
+      range check of an embedding with a padding row (RoBERTa's and MPNet's positions);
     - torch 2.13 deprecates the TorchScript-based exporter that optimum-onnx 0.1.0 (and our
       fallback, for the same graphs) uses (DeprecationWarnings, shown under pytest);
     - with an MLM head, optimum's tied-weight deduplication announces that the decoder's
@@ -142,6 +147,12 @@ def _known_export_warnings_silenced() -> Iterator[None]:
                 category=torch.jit.TracerWarning,
                 module="transformers.modeling_attn_mask_utils",
             )
+            warnings.filterwarnings(  # F.embedding's padding_idx range check, a constant here
+                "ignore",
+                message="Converting a tensor to a Python boolean might cause the trace",
+                category=torch.jit.TracerWarning,
+                module="torch.nn.functional",
+            )
             for text in ("You are using the legacy TorchScript-based ONNX export",
                          "The feature will be removed. Please remove usage of this function"):  # fmt: skip
                 warnings.filterwarnings("ignore", message=text, category=DeprecationWarning)
@@ -153,39 +164,41 @@ def _known_export_warnings_silenced() -> Iterator[None]:
 
 def _torch_export(model_dir: Path, out_dir: Path, task: str) -> None:
     model = load_reference(model_dir, task)
-    ids = torch.ones(2, 16, dtype=torch.long)
-    att = torch.ones(2, 16, dtype=torch.long)
-    tt = torch.zeros(2, 16, dtype=torch.long)
+    names = ["input_ids", "attention_mask"]
+    if architecture_for(model).embeddings(model).token_type is not None:
+        names.append("token_type_ids")
+    ones = torch.ones(2, 16, dtype=torch.long)
+    example = (ones, ones, torch.zeros_like(ones))[: len(names)]  # token type 0 always exists
     out_name = "logits" if task == "fill-mask" else "last_hidden_state"
     axes = {0: "batch_size", 1: "sequence_length"}
-    dyn = {k: axes for k in ("input_ids", "attention_mask", "token_type_ids", out_name)}
+    dyn = {k: axes for k in (*names, out_name)}
 
     class Wrapped(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.m(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            )
-            return out[0]
+        def forward(self, *inputs):
+            return self.m(**dict(zip(names, inputs, strict=True)))[0]
 
-    torch.onnx.export(Wrapped(model), (ids, att, tt), str(out_dir / ONNX_FILE), dynamo=False,
-                      input_names=["input_ids", "attention_mask", "token_type_ids"],
-                      output_names=[out_name], dynamic_axes=dyn, opset_version=17)  # fmt: skip
+    torch.onnx.export(Wrapped(model), example, str(out_dir / ONNX_FILE), dynamo=False,
+                      input_names=names, output_names=[out_name], dynamic_axes=dyn,
+                      opset_version=17)  # fmt: skip
     model.config.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
 
 
-def fuse_bert(path: Path, config, split: bool = True) -> dict[str, int]:
-    """onnxruntime's BERT graph fusions, in place, with every SkipLayerNormalization split back
-    into Sum + LayerNormalization (`split_skip_layer_norm`; `split=False` keeps them, for the
-    benchmark's before/after). Returns the fused-operator counts."""
+def fuse_graph(path: Path, config, split: bool = True) -> dict[str, int]:
+    """onnxruntime's transformer graph fusions for the model's family (its adapter's optimizer
+    model type; "bert" fuses every family here), in place, with every SkipLayerNormalization
+    split back into Sum + LayerNormalization (`split_skip_layer_norm`; `split=False` keeps them,
+    for the benchmark's before/after). Returns the fused-operator counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                           hidden_size=config.hidden_size)  # fmt: skip
+    arch = architecture_for(config)
+    sizes = arch.sizes(config)
+    model = optimize_model(str(path), model_type=arch.ort_model_type, num_heads=sizes["heads"],
+                           hidden_size=sizes["hidden"])  # fmt: skip
     fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
     n_split = split_skip_layer_norm(model.model) if split else 0
     if n_split:

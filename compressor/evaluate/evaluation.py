@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from compressor.bert_params import base_model
+from compressor.arch import architecture_for
 from compressor.cache import cache_root
 from compressor.environment import pick_device
 from compressor.errors import RunDirError
@@ -109,7 +109,7 @@ def cached_teacher_result(teacher: Teacher, task, settings: EvalSettings, seeds,
     path = cache_root() / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())
-    encoder = base_model(teacher.model)
+    encoder = architecture_for(teacher.model).base_model(teacher.model)
     result = evaluate_encoder(encoder, teacher.tokenizer, task, settings, seeds, device, "teacher")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)

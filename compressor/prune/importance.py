@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
+from compressor.arch import architecture_for
 from compressor.shapes import Shape
 
 REMOVED = "__removed__"  # key of the removed entries' structure sums among entry scores
@@ -168,19 +168,13 @@ def structure_scores(
     def s(t: torch.Tensor) -> torch.Tensor:
         return by_tensor[id(t)]
 
-    base = base_model(model)
-    n_layers = len(base.encoder.layer)
-    emb = base.embeddings
-    hidden = (
-        s(emb.word_embeddings.weight).sum(0)
-        + s(emb.position_embeddings.weight).sum(0)
-        + s(emb.token_type_embeddings.weight).sum(0)
-        + s(emb.LayerNorm.weight)
-        + s(emb.LayerNorm.bias)
-    )
+    arch = architecture_for(model)
+    n_layers = arch.num_layers(model)
+    emb = arch.embeddings(model)
+    hidden = sum(s(e.weight).sum(0) for e in emb.tables()) + s(emb.ln.weight) + s(emb.ln.bias)
     qk, vo, ffn = [], [], []
     for i in range(n_layers):
-        t = layer_tensors(model, i)
+        t = arch.layer(model, i)
         q_w, k_w, v_w, o_w = s(t.q.weight), s(t.k.weight), s(t.v.weight), s(t.o.weight)
         n_heads = q_w.shape[0] // head_dim
         qk.append((q_w.sum(1) + s(t.q.bias) + k_w.sum(1) + s(t.k.bias)).view(n_heads, head_dim))
@@ -193,12 +187,12 @@ def structure_scores(
         hidden += o_w.sum(1) + s(t.o.bias) + out_w.sum(1) + s(t.out.bias)
         for ln in (t.attn_ln, t.out_ln):
             hidden += s(ln.weight) + s(ln.bias)
-    p = pooler(model)
+    p = arch.pooler(model)
     if p is not None and id(p.weight) in by_tensor:
         hidden += s(p.weight).sum(0) + s(p.weight).sum(1) + s(p.bias)
-    head = mlm_head(model)
+    head = arch.mlm_head(model)
     if head is not None:
-        d, ln = head.transform.dense, head.transform.LayerNorm
+        d, ln = head.dense, head.ln
         hidden += s(d.weight).sum(0) + s(d.weight).sum(1) + s(d.bias) + s(ln.weight) + s(ln.bias)
     qk_t, vo_t = torch.stack(qk), torch.stack(vo)
     out = {
@@ -208,9 +202,27 @@ def structure_scores(
         "heads": qk_t.sum(2) + vo_t.sum(2),
         "ffn": torch.stack(ffn),
     }
+    if arch.shared_heads:
+        table = arch.relative_bias(model)
+        bias = (
+            s(table.weight).sum(0) if table is not None and id(table.weight) in by_tensor else None
+        )
+        out["heads"] = shared_head_scores(out["heads"], layers_kept, bias)
     if REMOVED in entry:
         out = {k: v + entry[REMOVED][k] for k, v in out.items()}
     return out
+
+
+def shared_head_scores(
+    heads: torch.Tensor, layers_kept: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Head scores [L, H] of a family whose heads are one set for every layer (a relative-position
+    bias table shared by all layers, one column per head, `bias`: its entry scores summed per
+    head): each head's score summed over the layers that stay, plus its column of the table, the
+    same in every row, so every layer keeps the same heads."""
+    rows = heads if layers_kept is None else heads[layers_kept.to(heads.device)]
+    total = rows.sum(0) if bias is None else rows.sum(0) + bias
+    return total.expand_as(heads).clone()
 
 
 def truncation_scores(full: Shape) -> dict[str, torch.Tensor]:

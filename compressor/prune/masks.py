@@ -1,10 +1,13 @@
 """Pruning masks: which structures of the student are still alive. Masks only ever shrink.
 
-Coupling (what moves together) is expressed here once:
-- FFN neuron j of layer l: row j + bias j of `intermediate.dense`, column j of `output.dense`.
-- Head h of layer l: its Q/K/V rows and its columns of `attention.output.dense`.
+Coupling (what moves together) is expressed here once (tensors by role; each family's adapter in
+compressor/arch/ says where they live):
+- FFN neuron j of layer l: row j + bias j of FFN-in, column j of FFN-out.
+- Head h of layer l: its Q/K/V rows and its columns of O. Where the family shares one
+  relative-position bias over all layers (MPNet), head h is also column h of that table, and
+  every layer keeps the same heads (importance.structure_scores scores heads globally).
 - Q/K dim e of head h: row h*dh+e of Q and of K (they meet in the dot product).
-- V/O dim e of head h: row h*dh+e of V and column h*dh+e of `attention.output.dense`.
+- V/O dim e of head h: row h*dh+e of V and column h*dh+e of O.
 - Hidden dim d: one global mask over every tensor that reads or writes the residual stream.
 - Layer l: a fade value taking the layer to the identity; removed once its fade is 0.
 """
@@ -18,8 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.bert_params import base_model as _base
-from compressor.bert_params import layer_tensors, mlm_head, pooler
+from compressor.arch import architecture_for
 from compressor.shapes import Shape
 
 
@@ -157,13 +159,13 @@ def greedy_layer_removal(
 def zero_pruned_weights(model: nn.Module, m: Masks) -> None:
     """Write zeros into every pruned weight, so the optimizer's momentum cannot revive it."""
     h = m.hidden
-    base = _base(model)
-    emb = base.embeddings
-    for e in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+    arch = architecture_for(model)
+    emb = arch.embeddings(model)
+    for e in emb.tables():
         e.weight[:, ~h] = 0
-    _zero_ln(emb.LayerNorm, h)
+    _zero_ln(emb.ln, h)
     for i in range(m.heads.shape[0]):
-        t = layer_tensors(model, i)
+        t = arch.layer(model, i)
         qk, vo, f = m.qk_rows(i), m.vo_rows(i), m.ffn[i]
         for lin, rows in ((t.q, qk), (t.k, qk), (t.v, vo)):
             lin.weight[~rows] = 0
@@ -180,18 +182,21 @@ def zero_pruned_weights(model: nn.Module, m: Masks) -> None:
         t.out.bias[~h] = 0
         _zero_ln(t.attn_ln, h)
         _zero_ln(t.out_ln, h)
-    p = pooler(model)
+    bias = arch.relative_bias(model)
+    if bias is not None:  # a head no layer keeps
+        bias.weight[:, ~m.heads.any(0)] = 0
+    p = arch.pooler(model)
     if p is not None:
         p.weight[~h] = 0
         p.weight[:, ~h] = 0
         p.bias[~h] = 0
-    head = mlm_head(model)
+    head = arch.mlm_head(model)
     if head is not None:
-        d = head.transform.dense
+        d = head.dense
         d.weight[~h] = 0
         d.weight[:, ~h] = 0
         d.bias[~h] = 0
-        _zero_ln(head.transform.LayerNorm, h)
+        _zero_ln(head.ln, h)
 
 
 def _zero_ln(ln: nn.LayerNorm, keep: torch.Tensor) -> None:

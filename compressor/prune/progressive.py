@@ -14,18 +14,15 @@ The student keeps the teacher's attention scale (its config is left as the teach
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
+from compressor.arch import LAYER_KEY, architecture_for
 from compressor.prune.importance import EmaState, structure_scores
 from compressor.prune.masks import Masks, spanned_shape
 from compressor.shapes import Shape
-
-LAYER_KEY = re.compile(r"(^|\.)encoder\.layer\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -157,22 +154,22 @@ def tensor_cuts(model: nn.Module, cut: Units, head_dim: int) -> dict[str, Index]
     the coupling of masks.py, as indices. Layers the cut drops are absent."""
     h = cut.hidden
     by_id: dict[int, Index] = {}
-    emb = base_model(model).embeddings
-    for e in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+    arch = architecture_for(model)
+    emb = arch.embeddings(model)
+    for e in emb.tables():
         by_id[id(e.weight)] = (None, h)
-    ln_cut = {"weight": (h, None), "bias": (h, None)}
 
     def ln(mod: nn.LayerNorm) -> None:
-        by_id[id(mod.weight)], by_id[id(mod.bias)] = ln_cut["weight"], ln_cut["bias"]
+        by_id[id(mod.weight)], by_id[id(mod.bias)] = (h, None), (h, None)
 
     def lin(mod: nn.Linear, rows, cols) -> None:
         by_id[id(mod.weight)] = (rows, cols)
         if mod.bias is not None:
             by_id[id(mod.bias)] = (rows, None)
 
-    ln(emb.LayerNorm)
+    ln(emb.ln)
     for new_i, old_i in enumerate(cut.layers.tolist()):
-        t = layer_tensors(model, old_i)
+        t = arch.layer(model, old_i)
         qk, vo, f = cut.qk_rows(new_i, head_dim), cut.vo_rows(new_i, head_dim), cut.ffn[new_i]
         lin(t.q, qk, h)
         lin(t.k, qk, h)
@@ -182,13 +179,17 @@ def tensor_cuts(model: nn.Module, cut: Units, head_dim: int) -> dict[str, Index]
         lin(t.out, h, f)
         ln(t.attn_ln)
         ln(t.out_ln)
-    p = pooler(model)
+    table = arch.relative_bias(model)
+    if table is not None:  # one set of heads for every layer (arch.check_slimmable)
+        arch.check_slimmable(cut.heads.tolist())
+        by_id[id(table.weight)] = (None, cut.heads[0])
+    p = arch.pooler(model)
     if p is not None:
         lin(p, h, h)
-    head = mlm_head(model)
+    head = arch.mlm_head(model)
     if head is not None:
-        lin(head.transform.dense, h, h)
-        ln(head.transform.LayerNorm)
+        lin(head.dense, h, h)
+        ln(head.ln)
         by_id[id(head.decoder.weight)] = (None, h)  # tied to the word embeddings
         by_id[id(head.bias)] = (None, None)
     return {
@@ -253,8 +254,9 @@ def cut_student(model: nn.Module, cut: Units, head_dim: int) -> None:
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, nn.Embedding):
             mod.embedding_dim = mod.weight.shape[1]
-    encoder = base_model(model).encoder
-    encoder.layer = nn.ModuleList(encoder.layer[i] for i in cut.layers.tolist())
+    arch = architecture_for(model)
+    layers = arch.layer_list(model)
+    arch.set_layer_list(model, nn.ModuleList(layers[i] for i in cut.layers.tolist()))
 
 
 @torch.no_grad()

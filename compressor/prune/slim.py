@@ -1,4 +1,5 @@
-"""Physical slimming: the pruning plan (kept indices, as data) -> a dense, stock BERT model.
+"""Physical slimming: the pruning plan (kept indices, as data) -> a dense, stock model of the
+teacher's family (its adapter in compressor/arch/ says where each tensor goes).
 
 Weights and config change together. Q is scaled by sqrt(new_head_dim / old_head_dim), so the
 slimmed model's 1/sqrt(new_head_dim) attention scale reproduces the masked student's scores.
@@ -6,7 +7,6 @@ slimmed model's 1/sqrt(new_head_dim) attention scale reproduces the masked stude
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.bert_params import base_model, layer_tensors, mlm_head, pooler
+from compressor.arch import architecture_for
 from compressor.prune.masks import Masks
 from compressor.shapes import Shape
 
@@ -66,7 +66,7 @@ class PrunePlan:
         return plan
 
     def check_uniform(self) -> None:
-        """A stock BertConfig needs the same widths everywhere and hidden == heads * head_dim."""
+        """A stock config needs the same widths everywhere and hidden == heads * head_dim."""
         s = self.shape
         widths = (
             {len(h) for h in self.heads} == {s.heads}
@@ -75,7 +75,7 @@ class PrunePlan:
             and {len(d) for layer in self.vo_dims for d in layer} == {s.head_dim}
         )
         if not widths or s.hidden != s.heads * s.head_dim:
-            raise ValueError(f"plan is not a stock BERT shape: {s}")
+            raise ValueError(f"plan is not a stock encoder shape: {s}")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -96,20 +96,20 @@ def slim(model: nn.Module, plan: PrunePlan, score_head_dim: int | None = None) -
     plan's `teacher_shape`). `score_head_dim`: the head size of `model`'s attention scale, when it
     is not its own (a progressively slimmed student keeps its teacher's)."""
     s, t_shape = plan.shape, plan.teacher_shape
-    cfg = copy.deepcopy(model.config)
-    cfg.num_hidden_layers, cfg.hidden_size = s.layers, s.hidden
-    cfg.num_attention_heads, cfg.intermediate_size = s.heads, s.ffn
+    arch = architecture_for(model)
+    arch.check_slimmable(plan.heads)
+    cfg = arch.stock_config(model.config, s.layers, s.hidden, s.heads, s.ffn)
     out = type(model)(cfg).to(next(model.parameters()).dtype).eval()
     h = torch.tensor(plan.hidden)
     q_scale = math.sqrt(s.head_dim / (score_head_dim or t_shape.head_dim))
 
-    src, dst = base_model(model).embeddings, base_model(out).embeddings
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        getattr(dst, name).weight.copy_(getattr(src, name).weight[:, h])
-    _copy_ln(dst.LayerNorm, src.LayerNorm, h)
+    src, dst = arch.embeddings(model), arch.embeddings(out)
+    for a_e, b_e in zip(src.tables(), dst.tables(), strict=True):
+        b_e.weight.copy_(a_e.weight[:, h])
+    _copy_ln(dst.ln, src.ln, h)
 
     for new_i, old_i in enumerate(plan.layers):
-        a, b = layer_tensors(model, old_i), layer_tensors(out, new_i)
+        a, b = arch.layer(model, old_i), arch.layer(out, new_i)
         qk = _rows(plan.heads[new_i], plan.qk_dims[new_i], t_shape.head_dim)
         vo = _rows(plan.heads[new_i], plan.vo_dims[new_i], t_shape.head_dim)
         f = torch.tensor(plan.ffn[new_i])
@@ -122,13 +122,17 @@ def slim(model: nn.Module, plan: PrunePlan, score_head_dim: int | None = None) -
         _copy_ln(b.attn_ln, a.attn_ln, h)
         _copy_ln(b.out_ln, a.out_ln, h)
 
-    if pooler(model) is not None and pooler(out) is not None:
-        _copy_linear(pooler(out), pooler(model), h, h)
-    if mlm_head(model) is not None:
-        a_t, b_t = mlm_head(model).transform, mlm_head(out).transform
-        _copy_linear(b_t.dense, a_t.dense, h, h)
-        _copy_ln(b_t.LayerNorm, a_t.LayerNorm, h)
-        mlm_head(out).bias.copy_(mlm_head(model).bias)
+    table = arch.relative_bias(model)
+    if table is not None:  # the same heads in every layer (check_slimmable)
+        arch.relative_bias(out).weight.copy_(table.weight[:, plan.heads[0]])
+    if arch.pooler(model) is not None and arch.pooler(out) is not None:
+        _copy_linear(arch.pooler(out), arch.pooler(model), h, h)
+    head = arch.mlm_head(model)
+    if head is not None:
+        new_head = arch.mlm_head(out)
+        _copy_linear(new_head.dense, head.dense, h, h)
+        _copy_ln(new_head.ln, head.ln, h)
+        new_head.bias.copy_(head.bias)
         out.tie_weights()
     return out
 
@@ -161,5 +165,6 @@ def save_slim_model(
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel == "1_Pooling/config.json":
-            content = {**content, "word_embedding_dimension": model.config.hidden_size}
+            hidden = architecture_for(model).sizes(model.config)["hidden"]
+            content = {**content, "word_embedding_dimension": hidden}
         target.write_text(json.dumps(content, indent=2))
