@@ -24,8 +24,8 @@ from compressor.prune.masks import Masks
 from compressor.recipe import DistillSpec, load_recipe
 from compressor.shapes import Shape
 from compressor.train_state import pack_importance, rng_state, set_rng_state, unpack_importance
-from tests.conftest import ROOT, tiny_batch, tiny_bert
 from tests.distributed_workers import two_ranks_with_different_masks
+from tests.helpers import ROOT, tiny_batch, tiny_bert
 
 # a local teacher small enough for two processes on a 2-core CPU; the packaged tokenizer
 TEACHER = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,

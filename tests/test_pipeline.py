@@ -13,7 +13,7 @@ from compressor.errors import RunDirError
 from compressor.metrics import read_metrics
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape, Vocab, param_count
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES, shrink
 
 TINY = RECIPES / "tiny-test.yaml"
 
@@ -132,16 +132,14 @@ def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_
 
     from compressor.teacher import Teacher, freeze
 
-    recipe = load_recipe(RECIPES / "bert-base-to-6L384.yaml")
-    recipe = recipe.model_copy(update={
-        "data": recipe.data.model_copy(update={"source": "wiki_summaries", "streaming": False,
-                                               "name": None, "max_length": 24, "heldout": 3,
-                                               "quality_texts": 8}),
-        "pruning": recipe.pruning.model_copy(update={"start_step": 0, "end_step": 3, "interval": 1}),
-        "train": recipe.train.model_copy(update={"steps": 4, "batch_size": 2, "grad_accum": 1,
-                                                 "device": "cpu", "precision": "fp32",
-                                                 "warmup_steps": 1, "eval_every": 2, "log_every": 1}),
-    })  # fmt: skip
+    recipe = shrink(
+        RECIPES / "bert-base-to-6L384.yaml",
+        data=dict(source="wiki_summaries", streaming=False, name=None, max_length=24, heldout=3,
+                  quality_texts=8),
+        pruning=dict(start_step=0, end_step=3, interval=1),
+        train=dict(steps=4, batch_size=2, grad_accum=1, device="cpu", precision="fp32",
+                   warmup_steps=1, eval_every=2, log_every=1),
+    )  # fmt: skip
     torch.manual_seed(0)
     cfg = BertConfig(architectures=["BertForMaskedLM"])  # defaults = BERT-base
     teacher = freeze(Teacher(BertForMaskedLM(cfg), packaged_tokenizer, None, "random-bert-base"))

@@ -31,7 +31,7 @@ from compressor.prune.progressive import (
 from compressor.prune.slim import PrunePlan, slim
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape
-from tests.conftest import RECIPES, sharp_tiny_bert, tiny_batch, tiny_bert
+from tests.helpers import RECIPES, sharp_tiny_bert, shrink, tiny_batch, tiny_bert
 
 FULL = Shape(3, 32, 4, 8, 64)
 TINY = RECIPES / "tiny-test.yaml"
@@ -206,10 +206,7 @@ def test_resume_across_a_cut_equals_uninterrupted(progressive, tmp_path):
 
 
 def test_progressive_slimming_is_refused_under_torchrun(monkeypatch, packaged_teacher, tmp_path):
-    recipe = load_recipe(TINY)
-    recipe = recipe.model_copy(
-        update={"pruning": recipe.pruning.model_copy(update={"progressive_slim": True})}
-    )
+    recipe = shrink(TINY, pruning=dict(progressive_slim=True))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     student = copy.deepcopy(packaged_teacher.model)
     with pytest.raises(RecipeError, match="progressive_slim: not supported under torchrun"):
