@@ -73,6 +73,7 @@ def single_and_ddp(recipe_file, tmp_path_factory):
     return single.run_dir, list((out / "ddp").glob("*/*")), done
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_trains(single_and_ddp):
     """Same global batch (4 micro-batches of 2): the same plan (masks) exactly, the same weights
     within float tolerance (the order of the gradient sums differs), the same metrics."""
@@ -98,6 +99,7 @@ def test_two_processes_train_what_one_trains(single_and_ddp):
     assert json.loads((ddp / "environment.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes(single_and_ddp):
     single, (ddp,), done = single_and_ddp
     assert {p.name for p in ddp.iterdir()} == {p.name for p in single.iterdir()}
@@ -106,6 +108,7 @@ def test_only_rank_0_writes(single_and_ddp):
     assert done.stdout.count("run directory:") == 1  # rank 0 reports for both
 
 
+@pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused(recipe_file, tmp_path):
     stopped = pipeline.run(recipe_file, output=tmp_path, stop_after=2)  # one process
     assert (stopped.run_dir / "checkpoint.pt").exists()

@@ -69,6 +69,7 @@ def test_checks_and_discrepancy_curve(finished):
     assert widths == sorted(widths, reverse=True) and widths[-1] == 128
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(finished, tmp_path):
     stopped = pipeline.run(TINY, output=tmp_path, stop_after=3)
     assert stopped.summary == {"stopped_at": 3}
@@ -125,6 +126,7 @@ def test_a_run_stopped_after_training_resumes_its_export_and_registration(
         pipeline.resume(run_dir)
 
 
+@pytest.mark.slow
 def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_tokenizer):
     """A random BERT-base BertForMaskedLM through bert-base-to-6L384.yaml's schedule, compressed
     into 4 steps, slims to 6L/384H/12A/1536I with the formula's parameter count."""

@@ -81,6 +81,7 @@ CHANGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_the_plan_does_not_change_with_the_arithmetic(change, baseline_plans, tmp_path):
     overrides, stop = CHANGES[change]
