@@ -134,6 +134,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert StorageError.exit_code != 0
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_run_is_one_error_and_the_run_resumes(
     tmp_path, monkeypatch, packaged_tokenizer
 ):
@@ -200,6 +201,7 @@ def naive_size(run_dir, tmp_path) -> int:
     return (tmp_path / "naive.pt").stat().st_size
 
 
+@pytest.mark.slow
 def test_checkpoints_are_small_and_resume_bit_identical(tmp_path, packaged_tokenizer):
     recipe = steps_recipe()
     teacher = lambda: small_teacher(packaged_tokenizer)  # noqa: E731
