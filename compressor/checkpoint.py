@@ -44,7 +44,7 @@ class Checkpoint:
     """Everything a resumed run needs to continue exactly where it stopped."""
 
     step: int  # the next step to run
-    student: dict[str, Any]  # packed state dicts (train_state.py)
+    student: dict[str, Any]  # packed state dicts (train/state.py)
     maps: dict[str, Any]
     optimizer: dict[str, Any]
     masks: dict[str, torch.Tensor]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel
 
 from compressor import pipeline
 from compressor.baselines.variants import (
@@ -24,40 +23,13 @@ from compressor.prune.importance import truncation_scores
 from compressor.prune.masks import Masks, prune_to
 from compressor.recipe import load_recipe, parse_recipe, recipe_to_dict, with_overrides
 from compressor.shapes import Shape
-from compressor.teacher import Teacher, freeze
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES, small_recipe, small_teacher
 
 FULL = Shape(6, 64, 4, 16, 128)
-TARGET = dict(layers=3, hidden=32, heads=2, ffn=64)
-
-
-def small_teacher(tokenizer) -> Teacher:
-    """A seeded 6-layer BERT with the real tokenizer's vocabulary (unit tests only)."""
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=6,
-                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)  # fmt: skip
-    cfg.architectures = ["BertModel"]
-    model = BertModel(cfg, add_pooling_layer=False)
-    with torch.no_grad():  # non-trivial LayerNorms, so a wrong slice cannot hide
-        for n, p in model.named_parameters():
-            if "LayerNorm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return freeze(Teacher(model, tokenizer, None, "small-bert"))
-
-
-def base_recipe(steps: int = 1, lr: float = 1e-7):
-    raw = recipe_to_dict(load_recipe(RECIPES / "tiny-test.yaml"))
-    raw["target"] = TARGET
-    raw["data"].update(max_length=16, heldout=3, quality_texts=8)
-    raw["pruning"].update(end_step=0, interval=1)
-    raw["train"].update(steps=steps, batch_size=2, lr=lr, warmup_steps=0)
-    raw["export"]["onnx"] = False
-    raw["bench"]["enabled"] = False
-    return parse_recipe(raw)
 
 
 def run_variant(variant, tokenizer, tmp_path, steps=1, lr=1e-7):
-    recipe = variant_recipe(base_recipe(steps, lr), variant, seed=0)
+    recipe = variant_recipe(small_recipe(steps, lr), variant, seed=0)
     teacher = small_teacher(tokenizer)
     res = pipeline.run(recipe, output=tmp_path, teacher=teacher)
     return teacher, res
@@ -83,7 +55,7 @@ def test_variants_differ_only_in_what_they_name():
 
 
 def test_truncation_requires_uniform_layers():
-    raw = recipe_to_dict(base_recipe())
+    raw = recipe_to_dict(small_recipe())
     raw["pruning"].update(importance="truncate", layer_selection="sensitivity")
     with pytest.raises(RecipeError, match="layer_selection"):
         parse_recipe(raw)
@@ -169,7 +141,7 @@ def test_aggregate_and_table():
 def test_untrained_slice_is_the_teacher_sliced_with_no_training(tmp_path, packaged_tokenizer):
     """The `slice` baseline: evenly spaced layers and the first k of every width, weights exactly
     the teacher's, a finished run directory with its quality, compared like any trained run."""
-    recipe = variant_recipe(base_recipe(), "slice", seed=0)
+    recipe = variant_recipe(small_recipe(), "slice", seed=0)
     teacher = small_teacher(packaged_tokenizer)
     res = pipeline.untrained_slice(recipe, tmp_path, teacher=teacher)
     plan = json.loads((res.run_dir / "plan.json").read_text())
@@ -236,7 +208,7 @@ def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
     from compressor.baselines.variants import run_variant
     from compressor.errors import RunDirError
 
-    recipe = variant_recipe(base_recipe(), "homodistil", seed=0)
+    recipe = variant_recipe(small_recipe(), "homodistil", seed=0)
     run_dir = tmp_path / recipe.name / "20260101-000000"
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe)))
@@ -277,7 +249,7 @@ def test_jobs_train_in_parallel_processes_what_one_process_trains(tmp_path):
 def st_recipe(steps: int = 10, lr: float = 1e-3):
     """The tiny base recipe as the st_distill variant: one text per sequence, 4 a step, enough
     training texts (steps x 4 >= 32) for the PCA down-projection to the student's 32 dims."""
-    raw = recipe_to_dict(variant_recipe(base_recipe(steps, lr), "st_distill", seed=0))
+    raw = recipe_to_dict(variant_recipe(small_recipe(steps, lr), "st_distill", seed=0))
     raw["train"].update(batch_size=4, eval_every=5)
     raw["data"].update(pack=False, heldout=8)
     return parse_recipe(raw)

@@ -2,7 +2,7 @@
 above the bound, and a noisy result said in benchmark.json, the table, the gates and the zoo.
 
 Load is injected through the timing worker (a deterministic stand-in for a busy process beside
-the benchmark); the README shows the same on real processes with `compress bench`."""
+the benchmark); docs/deployment.md shows the same on real processes with `compress bench`."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_compress_bench_brings_the_summary_along(tmp_path, monkeypatch):
 
     from compressor.deploy import stages
     from compressor.rundir import RunSummary, read_summary, write_summary
-    from tests.conftest import RECIPES
+    from tests.helpers import RECIPES
 
     shutil.copy(RECIPES / "tiny-test.yaml", tmp_path / "recipe.yaml")
     old = {"onnxruntime_b1_t32": {"speedup_p50": 0.59, "flop_ratio": 3.3, "noisy": True}}

@@ -22,19 +22,9 @@ from compressor.recipe import (
     parse_recipe,
     recipe_to_dict,
 )
-from tests.conftest import RECIPES
-from tests.test_baselines import base_recipe, small_teacher
+from tests.helpers import RECIPES, fake_texts, small_recipe, small_teacher
 
 CLS, SEP = 101, 102
-WORDS = ["the", "of", "and", "in", "river", "city", "was", "born", "king", "music", "war", "north"]
-
-
-def fake_texts(n: int, seed: int = 0, longest: int = 60) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, longest)))
-        for i in range(n)
-    ]
 
 
 def joined(docs, sep=SEP, carry=()) -> list[int]:
@@ -239,7 +229,7 @@ def test_a_streamed_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(
     tmp_path, packaged_tokenizer
 ):
     (tmp_path / "c.txt").write_text("\n".join(fake_texts(300)) + "\n")
-    raw = recipe_to_dict(base_recipe(steps=8))
+    raw = recipe_to_dict(small_recipe(steps=8))
     raw["data"].update(source="files", files=[str(tmp_path / "c.txt")], streaming=True,
                        shuffle_buffer=16)  # fmt: skip
     raw["pruning"].update(end_step=5, interval=1, probe_batches=2)

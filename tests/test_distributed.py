@@ -29,8 +29,8 @@ from compressor.train.state import (
     set_rng_state,
     unpack_importance,
 )
-from tests.conftest import ROOT, tiny_batch, tiny_bert
 from tests.distributed_workers import two_ranks_with_different_masks
+from tests.helpers import ROOT, tiny_batch, tiny_bert
 
 # a local teacher small enough for two processes on a 2-core CPU; the packaged tokenizer
 TEACHER = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
@@ -89,6 +89,7 @@ def single_and_ddp_progressive(recipe_file, tmp_path_factory):
     return single.run_dir, list((out / "ddp").glob("*/*")), done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runs", ["single_and_ddp", "single_and_ddp_progressive"])
 def test_two_processes_train_what_one_trains(runs, request):
     """Same global batch (4 micro-batches of 2): the same plan (masks) exactly, the same weights
@@ -116,6 +117,7 @@ def test_two_processes_train_what_one_trains(runs, request):
     assert json.loads((ddp / "environment.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes(single_and_ddp):
     single, (ddp,), done = single_and_ddp
     assert {p.name for p in ddp.iterdir()} == {p.name for p in single.iterdir()}
@@ -124,6 +126,7 @@ def test_only_rank_0_writes(single_and_ddp):
     assert done.stdout.count("run directory:") == 1  # rank 0 reports for both
 
 
+@pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused(recipe_file, tmp_path):
     stopped = pipeline.run(recipe_file, output=tmp_path, stop_after=2)  # one process
     assert (stopped.run_dir / "checkpoint.pt").exists()

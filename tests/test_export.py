@@ -18,15 +18,7 @@ from compressor.errors import CheckFailed
 from compressor.flops import encoder_flops
 from compressor.rundir import INT8_FILE, ONNX_FILE
 from compressor.shapes import Shape
-from tests.conftest import tiny_bert
-
-TEXTS = [
-    "The cat sat on the mat.",
-    "Paris is the capital of France.",
-    "Rain falls.",
-    "A long " * 30,
-]
-TOL = Tolerance(atol=1e-4, rtol=1e-4, min_agreement=0.9999)
+from tests.helpers import EXPORT_TEXTS, EXPORT_TOL, tiny_bert
 
 
 def noisy(a: np.ndarray) -> np.ndarray:
@@ -40,7 +32,7 @@ def tiny_export(tmp_path, packaged_tokenizer, mlm=False, int8=False):
     model.save_pretrained(model_dir)
     packaged_tokenizer.save_pretrained(model_dir)
     report = export_onnx(model_dir, onnx_dir, int8=int8)
-    save_samples(onnx_dir, model_dir, TEXTS, (1, 3), (8, 32))
+    save_samples(onnx_dir, model_dir, EXPORT_TEXTS, (1, 3), (8, 32))
     return model_dir, onnx_dir, report
 
 
@@ -49,7 +41,7 @@ def test_export_verifies(tmp_path, packaged_tokenizer, mlm):
     _, onnx_dir, report = tiny_export(tmp_path, packaged_tokenizer, mlm=mlm)
     assert report["exporter"] == "optimum"
     assert report["task"] == ("fill-mask" if mlm else "feature-extraction")
-    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    r = verify_export(onnx_dir, ONNX_FILE, EXPORT_TOL)
     assert r.passed, r.failures
     shapes = {tuple(c["shape"][:2]) for c in r.checks if "shape" in c}
     assert shapes == {(1, 8), (1, 32), (3, 8), (3, 32)}  # 2 batch sizes x 2 lengths
@@ -132,12 +124,12 @@ def test_padded_positions_are_not_compared_and_real_tokens_are(tmp_path, package
 
 
 def test_the_benchmarks_static_int8_candidate_is_static(tmp_path, packaged_tokenizer):
-    """The static int8 that tools/bench_bert_base.py measures beside the shipped dynamic one
+    """The static int8 that tools/results/bench_bert_base.py measures beside the shipped dynamic one
     (issue 13: it is no faster and loses the cosine, so it is not shipped) really is static: every
     MatMul runs on int8 activations whose ranges were calibrated on real text, with no per-call
     DynamicQuantizeMatMul, and not as weight-only int8 (MatMulNBits, what onnxruntime makes of the
     fused graph when the quantizer cannot type its tensors); the attention stays QAttention."""
-    from tools.bench_bert_base import quantize_int8_static
+    from compressor.deploy.static_int8 import quantize_int8_static
 
     model_dir, onnx_dir, _ = tiny_export(tmp_path, packaged_tokenizer)
     quantize_int8_static(onnx_dir / ONNX_FILE, onnx_dir / "static.onnx", model_dir, seq=32)
@@ -158,7 +150,7 @@ def test_tampered_onnx_fails_with_name_shape_and_difference(tmp_path, packaged_t
     init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
     init.CopyFrom(numpy_helper.from_array(noisy(numpy_helper.to_array(init)), init.name))
     onnx.save(m, path)
-    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    r = verify_export(onnx_dir, ONNX_FILE, EXPORT_TOL)
     assert not r.passed
     assert "output 'last_hidden_state' shape [1, 32, 32] differs by up to" in r.failures[0]
     with pytest.raises(CheckFailed, match="ONNX verification failed"):
@@ -207,7 +199,7 @@ def test_ort_model_loads_the_real_slim_export(tiny_run):
     onnx_dir, model_dir = tiny_run.run_dir / "onnx", tiny_run.run_dir / "model"
     ort_model = ORTModelForFeatureExtraction.from_pretrained(onnx_dir)
     tok = AutoTokenizer.from_pretrained(onnx_dir)
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    enc = tok(EXPORT_TEXTS, padding=True, return_tensors="pt")
     ref = AutoModel.from_pretrained(model_dir).eval()
     with torch.no_grad():
         want = ref(**enc).last_hidden_state
@@ -271,7 +263,7 @@ def test_torch_onnx_fallback_when_optimum_fails(tmp_path, packaged_tokenizer, mo
     monkeypatch.setattr(optimum_onnx, "main_export", broken)
     _, onnx_dir, report = tiny_export(tmp_path, packaged_tokenizer)
     assert report["exporter"].startswith("torch.onnx (optimum failed: RuntimeError")
-    r = verify_export(onnx_dir, ONNX_FILE, TOL)
+    r = verify_export(onnx_dir, ONNX_FILE, EXPORT_TOL)
     assert r.passed, r.failures
 
 
@@ -281,12 +273,12 @@ def test_an_mlm_export_prints_no_warnings(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     script = (
         "from pathlib import Path\n"
         "import onnx\n"
-        "from tests.conftest import tiny_bert\n"
+        "from tests.helpers import tiny_bert\n"
         "from compressor.deploy.export import export_onnx\n"
         f"d = Path({str(tmp_path)!r})\n"
         "tiny_bert(mlm=True).save_pretrained(d / 'model')\n"

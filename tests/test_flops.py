@@ -28,7 +28,7 @@ from compressor.prune.masks import Masks
 from compressor.prune.schedule import Schedule
 from compressor.recipe import DistillSpec, load_recipe
 from compressor.shapes import Shape
-from tests.conftest import RECIPES, tiny_batch, tiny_bert, tiny_config
+from tests.helpers import RECIPES, tiny_batch, tiny_bert, tiny_config
 
 
 def counted(fn) -> int:

@@ -10,7 +10,7 @@ from compressor.forward import encode
 from compressor.prune.masks import Masks, prune_to, select_layers
 from compressor.prune.slim import PrunePlan, save_slim_model, slim
 from compressor.shapes import Shape, Vocab, param_count
-from tests.conftest import sharp_tiny_bert, tiny_batch, tiny_bert
+from tests.helpers import sharp_tiny_bert, tiny_batch, tiny_bert
 
 FULL = Shape(3, 32, 4, 8, 64)
 

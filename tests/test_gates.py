@@ -93,7 +93,7 @@ def test_an_impossible_quality_gate_exits_3_and_registers_nothing(tmp_path, pack
     miss raises CheckFailed (exit 3) before the zoo. `compress zoo add` reuses the record: exit 3
     again; with a reachable limit it registers."""
     from compressor import pipeline
-    from tests.conftest import gated_tiny_run
+    from tests.helpers import gated_tiny_run
 
     impossible = ROTTEN.model_copy(update={"max_drop": -1.0})  # student - teacher >= 1
     recipe, teacher = gated_tiny_run(GatesSpec(max_quality_drop=impossible), packaged_tokenizer)

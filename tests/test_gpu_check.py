@@ -1,4 +1,4 @@
-"""The prepared GPU check (tools/gpu_check.sh -> tools/gpu_check.py) runs end to end on a CPU in
+"""The prepared GPU check (tools/gpu/gpu_check.sh -> tools/gpu/gpu_check.py) runs end to end on a CPU in
 its tiny mode and reports every field; on a GPU it is the same command without the CPU flags."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FIELDS = ["tokens_per_s", "peak_memory", "mfu", "step0_identity_max_abs_fp32",
           "step0_identity_max_abs_bf16", "masked_vs_slim_max_abs_fp32",
@@ -20,7 +20,7 @@ def test_the_gpu_check_runs_on_a_cpu_in_its_tiny_mode(tmp_path):
     env = {**os.environ, "PY": sys.executable, "GPU_CHECK_RUNS": str(tmp_path / "runs"),
            "GPU_CHECK_PACK": str(tmp_path / "no-pack"), "OUT": str(tmp_path),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--device", "cpu",
+    res = subprocess.run(["bash", str(ROOT / "tools" / "gpu" / "gpu_check.sh"), "--device", "cpu",
                           "--tiny", "--steps", "3"], env=env, capture_output=True, text=True,
                          timeout=900)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

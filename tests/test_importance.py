@@ -9,7 +9,7 @@ from compressor.prune.importance import (
     structure_scores,
     update_state,
 )
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 
 def test_structure_scores_sum_every_coupled_tensor():

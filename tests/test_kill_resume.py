@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 from compressor import pipeline
 from compressor.checkpoint import load_checkpoint
 from compressor.metrics import read_metrics
-from tests.conftest import RECIPES
-from tests.test_data import fake_texts
+from tests.helpers import RECIPES, fake_texts
 
 CLI = [sys.executable, "-m", "compressor"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

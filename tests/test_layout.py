@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compressor import rundir
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PACKAGE = ROOT / "compressor"
 HEAVY = ("torch", "transformers", "onnxruntime", "datasets", "optimum", "pydantic")

@@ -23,7 +23,7 @@ from compressor.losses import (
 from compressor.prune.masks import Masks
 from compressor.recipe import DistillSpec
 from compressor.shapes import Shape
-from tests.conftest import tiny_batch, tiny_bert
+from tests.helpers import tiny_batch, tiny_bert
 
 
 def rand_probs(*shape, seed=0, sharpness=2.0):
@@ -334,7 +334,7 @@ def test_frozen_word_embeddings_get_gradients_but_do_not_move(frozen):
     from compressor.bert_params import student_parameters
     from compressor.recipe import load_recipe, with_overrides
     from compressor.train.state import make_optimizer
-    from tests.conftest import RECIPES
+    from tests.helpers import RECIPES
 
     recipe = with_overrides(
         load_recipe(RECIPES / "tiny-test.yaml"), [f"train.freeze_word_embeddings={frozen}"]

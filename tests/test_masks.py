@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from compressor.prune.masks import Masks, keep_top_k, prune_to, select_layers, zero_pruned_weights
 from compressor.shapes import Shape
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 
 @given(st.lists(st.floats(-5, 5), min_size=4, max_size=20), st.data())

@@ -15,8 +15,7 @@ from compressor.data import Corpus, read_convention_speeches
 from compressor.errors import DataError, RecipeError
 from compressor.mixture import BLOCK, choices, shares
 from compressor.recipe import DataSpec, load_recipe, parse_recipe, recipe_to_dict
-from tests.conftest import RECIPES
-from tests.test_baselines import base_recipe, small_teacher
+from tests.helpers import RECIPES, small_recipe, small_teacher
 
 WORDS = ["the", "of", "and", "in", "river", "city", "was", "born", "king", "music", "war", "north"]
 WEIGHT_TOLERANCE = 0.03  # |observed share - weight share| over N_DRAWS sequences (3 binomial sd)
@@ -114,7 +113,7 @@ def test_a_mixed_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(
 ):
     """Through the training loop: the importance probes and the steps read the mixture, and a
     run stopped at step 3 and resumed ends step 6 where an uninterrupted run does."""
-    raw = recipe_to_dict(base_recipe(steps=8))
+    raw = recipe_to_dict(small_recipe(steps=8))
     raw["data"] = {**raw["data"], "source": None, "sources": sources(tmp_path / "text"), "pack": False,
                    "streaming": True, "shuffle_buffer": 16}  # fmt: skip
     raw["pruning"].update(end_step=5, interval=1, probe_batches=2)
@@ -142,7 +141,7 @@ def assert_same(x, y, where="") -> None:
 
 
 def mixed_recipe(data_sources, **data):
-    raw = recipe_to_dict(base_recipe())
+    raw = recipe_to_dict(small_recipe())
     raw["data"] = {**raw["data"], "source": None, "sources": data_sources, **data}
     return parse_recipe(raw)
 

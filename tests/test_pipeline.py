@@ -13,7 +13,7 @@ from compressor.errors import RunDirError
 from compressor.metrics import read_metrics
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape, Vocab, param_count
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES, shrink
 
 TINY = RECIPES / "tiny-test.yaml"
 
@@ -69,6 +69,7 @@ def test_checks_and_discrepancy_curve(finished):
     assert widths == sorted(widths, reverse=True) and widths[-1] == 128
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(finished, tmp_path):
     stopped = pipeline.run(TINY, output=tmp_path, stop_after=3)
     assert stopped.summary == {"stopped_at": 3}
@@ -125,6 +126,7 @@ def test_a_run_stopped_after_training_resumes_its_export_and_registration(
         pipeline.resume(run_dir)
 
 
+@pytest.mark.slow
 def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_tokenizer):
     """A random BERT-base BertForMaskedLM through bert-base-to-6L384.yaml's schedule, compressed
     into 4 steps, slims to 6L/384H/12A/1536I with the formula's parameter count."""
@@ -132,16 +134,14 @@ def test_bert_base_shaped_mlm_through_the_full_size_schedule(tmp_path, packaged_
 
     from compressor.teacher import Teacher, freeze
 
-    recipe = load_recipe(RECIPES / "bert-base-to-6L384.yaml")
-    recipe = recipe.model_copy(update={
-        "data": recipe.data.model_copy(update={"source": "wiki_summaries", "streaming": False,
-                                               "name": None, "max_length": 24, "heldout": 3,
-                                               "quality_texts": 8}),
-        "pruning": recipe.pruning.model_copy(update={"start_step": 0, "end_step": 3, "interval": 1}),
-        "train": recipe.train.model_copy(update={"steps": 4, "batch_size": 2, "grad_accum": 1,
-                                                 "device": "cpu", "precision": "fp32",
-                                                 "warmup_steps": 1, "eval_every": 2, "log_every": 1}),
-    })  # fmt: skip
+    recipe = shrink(
+        RECIPES / "bert-base-to-6L384.yaml",
+        data=dict(source="wiki_summaries", streaming=False, name=None, max_length=24, heldout=3,
+                  quality_texts=8),
+        pruning=dict(start_step=0, end_step=3, interval=1),
+        train=dict(steps=4, batch_size=2, grad_accum=1, device="cpu", precision="fp32",
+                   warmup_steps=1, eval_every=2, log_every=1),
+    )  # fmt: skip
     torch.manual_seed(0)
     cfg = BertConfig(architectures=["BertForMaskedLM"])  # defaults = BERT-base
     teacher = freeze(Teacher(BertForMaskedLM(cfg), packaged_tokenizer, None, "random-bert-base"))

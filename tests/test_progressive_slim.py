@@ -30,7 +30,7 @@ from compressor.prune.slim import PrunePlan, slim
 from compressor.recipe import load_recipe
 from compressor.shapes import Shape
 from compressor.train.state import FADE
-from tests.conftest import RECIPES, sharp_tiny_bert, tiny_batch, tiny_bert
+from tests.helpers import RECIPES, sharp_tiny_bert, tiny_batch, tiny_bert
 
 FULL = Shape(3, 32, 4, 8, 64)
 TINY = RECIPES / "tiny-test.yaml"

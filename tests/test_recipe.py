@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from compressor.cli.main import main
 from compressor.errors import RecipeError
 from compressor.recipe import load_recipe, parse_recipe
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 

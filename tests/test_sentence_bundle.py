@@ -27,8 +27,7 @@ from compressor.errors import CheckFailed
 from compressor.prune.slim import save_slim_model
 from compressor.rundir import ONNX_FILE, SENTENCE_ONNX, SENTENCE_ONNX_FILE
 from compressor.teacher import resolve_source, sentence_transformers_files
-from tests.conftest import PACKAGED, ROOT, tiny_bert
-from tests.test_export import TEXTS, TOL  # the texts and tolerance of every export test
+from tests.helpers import EXPORT_TEXTS, EXPORT_TOL, PACKAGED, ROOT, tiny_bert
 
 SENTENCE_OUTPUTS = ["last_hidden_state", "token_embeddings", "sentence_embedding"]
 
@@ -54,15 +53,15 @@ def st_export(tmp_path, tokenizer, pooling="mean", normalize=True):
     model_dir, onnx_dir = tmp_path / "model", tmp_path / "onnx"
     save_slim_model(model, tokenizer, st_files(pooling, normalize), model_dir)
     report = export_onnx(model_dir, onnx_dir)
-    save_samples(onnx_dir, model_dir, TEXTS, (1, 3), (8, 32))
+    save_samples(onnx_dir, model_dir, EXPORT_TEXTS, (1, 3), (8, 32))
     return model_dir, onnx_dir, report
 
 
-def verify_sentence(model_dir: Path, onnx_dir: Path, tol: Tolerance = TOL):
+def verify_sentence(model_dir: Path, onnx_dir: Path, tol: Tolerance = EXPORT_TOL):
     return verify_export(model_dir, SENTENCE_ONNX_FILE, tol, GRAPH_REFERENCES, onnx_dir)
 
 
-def within(got: np.ndarray, want: np.ndarray, tol: Tolerance = TOL) -> bool:
+def within(got: np.ndarray, want: np.ndarray, tol: Tolerance = EXPORT_TOL) -> bool:
     return bool(np.all(np.abs(got - want) <= tol.atol + tol.rtol * np.abs(want)))
 
 
@@ -85,7 +84,7 @@ def test_sentence_graph_matches_sentence_transformers(
     sess = ort_session(model_dir / SENTENCE_ONNX_FILE)
     assert [o.name for o in sess.get_outputs()] == SENTENCE_OUTPUTS
     # the token graph is checked as before: the sentence reference is not asked of it
-    token = verify_export(onnx_dir, ONNX_FILE, TOL)
+    token = verify_export(onnx_dir, ONNX_FILE, EXPORT_TOL)
     assert token.passed, token.failures
     assert {c["output"] for c in token.checks if "output" in c} == {"last_hidden_state"}
 
@@ -103,12 +102,12 @@ def test_both_backends_load_offline_and_encode_like_the_pytorch_student(
     assert (
         Path(on_onnx[0].auto_model.path) == model_dir / SENTENCE_ONNX_FILE
     )  # ours, not re-exported
-    want = on_torch.encode(TEXTS)
-    got = on_onnx.encode(TEXTS)
-    assert want.shape == (len(TEXTS), 32)
+    want = on_torch.encode(EXPORT_TEXTS)
+    got = on_onnx.encode(EXPORT_TEXTS)
+    assert want.shape == (len(EXPORT_TEXTS), 32)
     assert within(got, want), np.abs(got - want).max()
     # onnxruntime alone: the graph's own sentence_embedding
-    enc = packaged_tokenizer(TEXTS, padding=True, return_tensors="np")
+    enc = packaged_tokenizer(EXPORT_TEXTS, padding=True, return_tensors="np")
     sess = ort_session(model_dir / SENTENCE_ONNX_FILE)
     alone = sess.run(["sentence_embedding"], {k: v.astype(np.int64) for k, v in enc.items()})[0]
     assert within(alone, want), np.abs(alone - want).max()

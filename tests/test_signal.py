@@ -13,7 +13,7 @@ from compressor.metrics import read_metrics
 from compressor.recipe import load_recipe, with_overrides
 from compressor.rundir import METRICS_FILE
 from compressor.teacher import load_teacher, nudged
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 
 TINY = RECIPES / "tiny-test.yaml"
 STOP = 4  # pruning events at steps 0..3: the layer choice and three width cuts
@@ -81,6 +81,7 @@ CHANGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_the_plan_does_not_change_with_the_arithmetic(change, baseline_plans, tmp_path):
     overrides, stop = CHANGES[change]

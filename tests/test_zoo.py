@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from compressor.cli.main import main
 from compressor.errors import CheckFailed, ZooError
 from compressor.gates import gate_failures
 from compressor.recipe import GatesSpec
@@ -26,17 +23,9 @@ from compressor.rundir import MANIFEST_FILE as MANIFEST
 from compressor.zoo import index as zoo_index
 from compressor.zoo import store as zoo
 from compressor.zoo.entry import entry_row, file_table
-from tests.conftest import ROOT
+from tests.helpers import EVALUATION, ROOT, distinct_copy, zoo_cli
 
 TINY_ID = re.compile(r"all-minilm-l6-v2/homodistil/2L-128H-4A-256I/[0-9a-f]{10}")
-EVALUATION = {
-    "task": "wiki_topics",
-    "mode": "finetune",
-    "metric": "accuracy",
-    "seeds": [0, 1, 2],
-    "student": {"mean": 0.812, "std": 0.01, "per_seed": [0.80, 0.81, 0.826]},
-    "teacher": {"mean": 0.853, "std": 0.0, "per_seed": [0.853, 0.853, 0.853]},
-}
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +41,6 @@ def root(tmp_path) -> Path:
 @pytest.fixture
 def entry(run_dir, root) -> str:
     return zoo.register(run_dir, root)
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, ["zoo", *args])
-
-
-def variant(run_dir: Path, dest: Path, salt: str) -> Path:
-    """A distinct copy of a run (hard links; heldout.json rewritten, so the id differs)."""
-    shutil.copytree(run_dir, dest, copy_function=os.link)
-    held = json.loads((run_dir / "heldout.json").read_text())
-    (dest / "heldout.json").unlink()  # never write through a hard link into the original
-    (dest / "heldout.json").write_text(json.dumps([*held, salt]))
-    return dest
 
 
 def rows(root: Path) -> list[dict]:
@@ -98,7 +74,7 @@ def test_the_run_registered_itself(tiny_run):
     assert TINY_ID.fullmatch(entry_id)
     session_zoo = Path(os.environ["COMPRESS_ZOO"])
     assert entry_id in [r["id"] for r in zoo.list_entries(session_zoo)]
-    res = cli("list", "--zoo", str(session_zoo))
+    res = zoo_cli("list", "--zoo", str(session_zoo))
     assert res.exit_code == 0 and entry_id in res.output
     recipe = yaml.safe_load((tiny_run.run_dir / "recipe.yaml").read_text())
     assert recipe["zoo"] == {"register": True, "dir": None}
@@ -164,7 +140,7 @@ def test_registering_the_same_run_again_gives_the_same_id(entry, run_dir, root):
 
 
 def test_an_unverified_run_is_not_registered(run_dir, root, tmp_path):
-    bad = variant(run_dir, tmp_path / "bad", "x")
+    bad = distinct_copy(run_dir, tmp_path / "bad", "x")
     (bad / "verify.json").unlink()
     (bad / "verify.json").write_text(json.dumps({"passed": False, "reports": []}))
     with pytest.raises(CheckFailed, match="verification did not pass"):
@@ -177,7 +153,7 @@ def test_an_unverified_run_is_not_registered(run_dir, root, tmp_path):
 
 def test_cli_list_show_verify_compare(entry, root):
     z = ["--zoo", str(root)]
-    res = cli("list", *z)
+    res = zoo_cli("list", *z)
     assert res.exit_code == 0, res.output
     header, _, line = res.output.splitlines()[:3]
     assert header.split() == [
@@ -193,39 +169,39 @@ def test_cli_list_show_verify_compare(entry, root):
     assert (
         line.startswith(entry) and "4.25M" in line and "similarity to teacher" in line
     )  # measured on what ships
-    listed = json.loads(cli("list", *z, "--json").stdout)
+    listed = json.loads(zoo_cli("list", *z, "--json").stdout)
     assert [r["id"] for r in listed] == [entry] and listed[0]["params"] == 4254336
 
-    shown = cli("show", entry, *z)
+    shown = zoo_cli("show", entry, *z)
     assert shown.exit_code == 0 and "recipe (resolved)" in shown.output
     assert "benchmark" in shown.output and "onnx/model.onnx" in shown.output
-    info = json.loads(cli("show", entry, *z, "--json").stdout)
+    info = json.loads(zoo_cli("show", entry, *z, "--json").stdout)
     assert info["recipe_resolved"]["name"] == "tiny-test" and info["benchmark"]["results"]
     assert info["files"]["onnx/model.onnx"]["sha256"]
 
     short = entry.rsplit("/", 1)[1][:6]  # a unique short-hash prefix resolves
-    res = cli("verify", short, *z)
+    res = zoo_cli("verify", short, *z)
     assert res.exit_code == 0, res.output
     assert f"{entry}: ok" in res.output
-    report = json.loads(cli("verify", "--all", *z, "--json").stdout)
+    report = json.loads(zoo_cli("verify", "--all", *z, "--json").stdout)
     assert report["passed"] and report["entries"][0]["onnx"]["models"]["model.onnx"]["passed"]
 
-    both = json.loads(cli("compare", entry, short, *z, "--json").stdout)
+    both = json.loads(zoo_cli("compare", entry, short, *z, "--json").stdout)
     assert [r["id"] for r in both] == [entry, entry]
-    table = cli("compare", entry, short, *z).output
+    table = zoo_cli("compare", entry, short, *z).output
     assert "#1" in table and "#2" in table and "speedup" in table
 
 
 def test_list_of_an_empty_or_missing_zoo_is_friendly(tmp_path):
     missing = tmp_path / "nowhere"
-    res = cli("list", "--zoo", str(missing))
+    res = zoo_cli("list", "--zoo", str(missing))
     assert res.exit_code == 0 and "empty" in res.output
-    assert json.loads(cli("list", "--zoo", str(missing), "--json").stdout) == []
+    assert json.loads(zoo_cli("list", "--zoo", str(missing), "--json").stdout) == []
     assert not missing.exists()  # reading creates nothing
 
 
 def test_unknown_id_exits_2(entry, root):
-    res = cli("show", "no-such/homodistil/1L-1H-1A-1I/0000000000", "--zoo", str(root))
+    res = zoo_cli("show", "no-such/homodistil/1L-1H-1A-1I/0000000000", "--zoo", str(root))
     assert res.exit_code == 2 and "no entry" in res.output and "Traceback" not in res.output
 
 
@@ -248,7 +224,7 @@ def test_unknown_id_exits_2(entry, root):
 @pytest.mark.parametrize("command", ["show", "verify", "rm", "export", "compare"])
 def test_ids_that_could_escape_are_rejected(bad, command, root, tmp_path):
     args = [command, bad] + ([str(tmp_path / "out")] if command == "export" else [])
-    res = cli(*args, "--zoo", str(root))
+    res = zoo_cli(*args, "--zoo", str(root))
     assert res.exit_code == 2, res.output
     assert "invalid zoo id" in res.output and repr(bad) in res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
@@ -334,7 +310,9 @@ def test_sentence_transformers_bundle_loads_offline_with_both_backends(entry, ro
     from sentence_transformers import SentenceTransformer
 
     dest = tmp_path / "st"
-    res = cli("export", entry, str(dest), "--format", "sentence-transformers", "--zoo", str(root))
+    res = zoo_cli(
+        "export", entry, str(dest), "--format", "sentence-transformers", "--zoo", str(root)
+    )
     assert res.exit_code == 0, res.output
     files = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
     assert {"modules.json", "1_Pooling/config.json", "model.safetensors", "tokenizer.json",
@@ -353,10 +331,10 @@ def test_sentence_transformers_bundle_loads_offline_with_both_backends(entry, ro
 def test_sentence_transformers_bundle_of_an_entry_without_the_graph_exits_2(
     run_dir, root, tmp_path
 ):
-    copy = variant(run_dir, tmp_path / "no-graph", "no-graph")
+    copy = distinct_copy(run_dir, tmp_path / "no-graph", "no-graph")
     (copy / "model" / "onnx" / "model.onnx").unlink()
     entry_id = zoo.register(copy, root)
-    res = cli("export", entry_id, str(tmp_path / "st"), "--format", "sentence-transformers",
+    res = zoo_cli("export", entry_id, str(tmp_path / "st"), "--format", "sentence-transformers",
               "--zoo", str(root))  # fmt: skip
     assert res.exit_code == 2 and "has no sentence-transformers graph" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "st").exists()
@@ -368,7 +346,7 @@ def test_exported_bundle_loads_with_ort_and_matches_the_hf_model(entry, root, tm
     from transformers import AutoModel, AutoTokenizer
 
     dest = tmp_path / "bundle"
-    res = cli("export", entry, str(dest), "--zoo", str(root))
+    res = zoo_cli("export", entry, str(dest), "--zoo", str(root))
     assert res.exit_code == 0, res.output
     names = {p.name for p in dest.iterdir()}
     assert {
@@ -390,16 +368,16 @@ def test_exported_bundle_loads_with_ort_and_matches_the_hf_model(entry, root, tm
     real = enc["attention_mask"].bool()
     assert (got[real] - want[real]).abs().max() < 1e-4
 
-    again = cli("export", entry, str(dest), "--zoo", str(root))
+    again = zoo_cli("export", entry, str(dest), "--zoo", str(root))
     assert again.exit_code == 2 and "not empty" in again.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli("export", entry, str(empty), "--zoo", str(root)).exit_code == 0
+    assert zoo_cli("export", entry, str(empty), "--zoo", str(root)).exit_code == 0
 
 
 def test_export_refuses_a_tampered_entry(entry, root, tmp_path):
     flip_byte(zoo.entry_dir(root, entry) / "onnx" / "model.onnx")
-    res = cli("export", entry, str(tmp_path / "bundle"), "--zoo", str(root))
+    res = zoo_cli("export", entry, str(tmp_path / "bundle"), "--zoo", str(root))
     assert res.exit_code == 3 and "onnx/model.onnx: modified" in res.output
     assert not (tmp_path / "bundle").exists()
 
@@ -425,11 +403,11 @@ def _tamper(d: Path, how: str) -> str:
 def test_verify_names_a_tampered_missing_or_extra_file(entry, root, how):
     before = rows(root)
     expected = _tamper(zoo.entry_dir(root, entry), how)
-    res = cli("verify", entry, "--zoo", str(root))
+    res = zoo_cli("verify", entry, "--zoo", str(root))
     assert res.exit_code == 3, res.output
     assert expected in res.output and "Traceback" not in res.output
     assert rows(root) == before  # the index is never rewritten by verify
-    report = json.loads(cli("verify", "--all", "--zoo", str(root), "--json").stdout)
+    report = json.loads(zoo_cli("verify", "--all", "--zoo", str(root), "--json").stdout)
     assert not report["passed"] and any(expected in p for p in report["entries"][0]["problems"])
 
 
@@ -450,7 +428,7 @@ def test_record_evaluation_updates_metrics_card_manifest_and_index(entry, root):
         "name": "accuracy (3 seeds)",
     }
     assert zoo.verify(root, entry)["passed"]
-    assert "wiki_topics accuracy 0.812" in cli("list", "--zoo", str(root)).output
+    assert "wiki_topics accuracy 0.812" in zoo_cli("list", "--zoo", str(root)).output
 
     flip_byte(d / "evaluations.json")  # a tampered metrics file is not silently blessed
     with pytest.raises(CheckFailed, match=r"evaluations\.json: modified"):
@@ -459,27 +437,27 @@ def test_record_evaluation_updates_metrics_card_manifest_and_index(entry, root):
 
 def test_rm_removes_entry_row_and_empty_parents(entry, root):
     short = entry.rsplit("/", 1)[1]
-    assert cli("rm", short, "--zoo", str(root)).exit_code == 2  # rm wants the full id
-    res = cli("rm", entry, "--zoo", str(root))
+    assert zoo_cli("rm", short, "--zoo", str(root)).exit_code == 2  # rm wants the full id
+    res = zoo_cli("rm", entry, "--zoo", str(root))
     assert res.exit_code == 0, res.output
     assert zoo.list_entries(root) == [] and not (root / "entries" / entry.split("/")[0]).exists()
-    assert cli("rm", entry, "--zoo", str(root)).exit_code == 2
+    assert zoo_cli("rm", entry, "--zoo", str(root)).exit_code == 2
 
 
 # ---------------------------------------------------------------------------- reindex
 
 
 def test_reindex_rebuilds_an_identical_index(entry, run_dir, root, tmp_path):
-    other = zoo.register(variant(run_dir, tmp_path / "v1", "v1"), root)
+    other = zoo.register(distinct_copy(run_dir, tmp_path / "v1", "v1"), root)
     zoo.record_evaluation(root, other, EVALUATION)
     before = rows(root)
     assert len(before) == 2
     (root / ".staging" / "999999999-dead").mkdir()  # junk of a dead process
     for suffix in ("", "-wal", "-shm"):
         Path(f"{root / zoo_index.ZOO_INDEX_FILE}{suffix}").unlink(missing_ok=True)
-    res = cli("list", "--zoo", str(root))
+    res = zoo_cli("list", "--zoo", str(root))
     assert res.exit_code == 2 and "reindex" in res.output
-    res = cli("reindex", "--zoo", str(root))
+    res = zoo_cli("reindex", "--zoo", str(root))
     assert res.exit_code == 0 and "indexed 2 entries" in res.output
     assert rows(root) == before and integrity(root) == "ok"
     assert not (root / ".staging" / "999999999-dead").exists()
@@ -489,7 +467,7 @@ def test_an_unindexed_entry_is_reported_and_adopted_by_the_next_registration(ent
     """As left by a registration killed between its rename and its commit."""
     with zoo_index.write_transaction(root) as conn:
         zoo_index.delete(conn, entry)
-    res = cli("verify", "--all", "--zoo", str(root))
+    res = zoo_cli("verify", "--all", "--zoo", str(root))
     assert (
         res.exit_code == 3 and f"{entry}: an entry directory the index does not list" in res.output
     )
@@ -509,7 +487,7 @@ REGISTER = (
 
 
 def test_eight_concurrent_registrations_all_land(run_dir, root, tmp_path):
-    runs = [variant(run_dir, tmp_path / f"run{i}", f"run{i}") for i in range(8)]
+    runs = [distinct_copy(run_dir, tmp_path / f"run{i}", f"run{i}") for i in range(8)]
     start = str(time.time() + 3.0)  # all eight hit the index at about the same moment
     procs = [
         subprocess.Popen(
@@ -551,7 +529,7 @@ KILLABLE = (
 
 @pytest.mark.parametrize("stage", ["after_copy", "inside_transaction"])
 def test_a_registration_killed_midway_leaves_no_entry(stage, entry, run_dir, root, tmp_path):
-    other = variant(run_dir, tmp_path / "other", "other")
+    other = distinct_copy(run_dir, tmp_path / "other", "other")
     marker = tmp_path / "paused"
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLABLE, str(other), str(root), str(marker), stage],
@@ -571,7 +549,7 @@ def test_a_registration_killed_midway_leaves_no_entry(stage, entry, run_dir, roo
     assert [r["id"] for r in rows(root)] == [entry]
     assert zoo.unindexed_dirs(root) == []  # no half entry on disk
     assert list((root / ".staging").iterdir())  # only staging junk, which nothing lists
-    res = cli("verify", "--all", "--zoo", str(root))
+    res = zoo_cli("verify", "--all", "--zoo", str(root))
     assert res.exit_code == 0, res.output
 
     new = zoo.register(other, root)  # the next registration cleans the junk and lands
@@ -605,12 +583,12 @@ def test_gate_failures_name_gate_value_and_limit():
 
 
 def test_a_failed_gate_exits_3_and_registers_nothing(run_dir, root, tmp_path):
-    gated = variant(run_dir, tmp_path / "gated", "gated")
+    gated = distinct_copy(run_dir, tmp_path / "gated", "gated")
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     recipe["gates"] = {"max_params": 10}
     (gated / "recipe.yaml").unlink()
     (gated / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    res = cli("add", str(gated), "--zoo", str(root))
+    res = zoo_cli("add", str(gated), "--zoo", str(root))
     assert res.exit_code == 3, res.output
     assert (
         "gates.max_params" in res.output and "4,254,336" in res.output and "limit 10" in res.output
@@ -622,7 +600,7 @@ def test_the_pipeline_checks_gates_before_registering(tmp_path, packaged_tokeniz
     """A real (tiny, random-teacher) run through the pipeline: a failed gate raises CheckFailed
     after the export was verified, and nothing reaches the zoo."""
     from compressor import pipeline
-    from tests.conftest import gated_tiny_run
+    from tests.helpers import gated_tiny_run
 
     recipe, teacher = gated_tiny_run(GatesSpec(max_params=10), packaged_tokenizer)
     gate_zoo = tmp_path / "zoo"

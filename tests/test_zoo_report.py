@@ -18,7 +18,7 @@ from compressor.zoo import store as zoo
 from compressor.zoo.html_report import ReportEntry
 from compressor.zoo.pareto import dominates, pareto_front
 from tests.browser import browser_or_skip, check_page
-from tests.test_zoo import EVALUATION, cli, variant
+from tests.helpers import EVALUATION, distinct_copy, zoo_cli
 
 NAN = float("nan")
 
@@ -144,7 +144,7 @@ def test_the_plot_uses_the_shape_most_entries_were_benchmarked_at():
 
 def test_an_empty_zoo_is_refused_and_nothing_is_written(tmp_path):
     out = tmp_path / "page"
-    res = cli("report", "--zoo", str(tmp_path / "zoo"), "--out", str(out))
+    res = zoo_cli("report", "--zoo", str(tmp_path / "zoo"), "--out", str(out))
     assert res.exit_code == 2
     assert "is empty" in res.output and "nothing to report" in res.output
     assert "Traceback" not in res.output and not out.exists()
@@ -153,7 +153,7 @@ def test_an_empty_zoo_is_refused_and_nothing_is_written(tmp_path):
 def test_an_out_that_is_a_file_is_refused(report_zoo, tmp_path):
     out = tmp_path / "file"
     out.write_text("x")
-    res = cli("report", "--zoo", str(report_zoo["root"]), "--out", str(out))
+    res = zoo_cli("report", "--zoo", str(report_zoo["root"]), "--out", str(out))
     assert res.exit_code == 2 and f"{out}: exists and is not a directory" in res.output
     assert out.read_text() == "x"
 
@@ -164,7 +164,7 @@ def test_an_unreadable_entry_is_one_clear_error(tiny_run, tmp_path):
     metrics = zoo.entry_dir(root, entry) / "metrics.jsonl"
     metrics.chmod(0o644)
     metrics.write_text("{not json\n")
-    res = cli("report", "--zoo", str(root), "--out", str(tmp_path / "page"))
+    res = zoo_cli("report", "--zoo", str(root), "--out", str(tmp_path / "page"))
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert f"{entry}: unreadable entry (JSONDecodeError" in res.output
     assert f"compress zoo verify {entry}" in res.output and not (tmp_path / "page").exists()
@@ -182,7 +182,7 @@ def rewrite(path: Path, edit) -> None:
 
 def tweaked(run_dir: Path, dest: Path, salt: str, similarity: float, slower: float) -> Path:
     """A distinct copy of the tiny run with another similarity and a slower student."""
-    variant(run_dir, dest, salt)
+    distinct_copy(run_dir, dest, salt)
 
     def bench(b):
         for r in b["results"]:
@@ -212,7 +212,7 @@ def report_zoo(tiny_run, tmp_path_factory):
         zoo.register(tweaked(run_dir, tmp / "worse", "w", similarity - 0.1, 3.0), root),
     ]
     zoo.record_evaluation(root, ids[0], EVALUATION)
-    res = cli("report", "--zoo", str(root))
+    res = zoo_cli("report", "--zoo", str(root))
     assert res.exit_code == 0, res.output
     page = root / "report" / "index.html"
     assert res.output.strip() == f"wrote {page} (3 entries)"

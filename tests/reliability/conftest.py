@@ -7,8 +7,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-FUZZ_EXAMPLES = {"ci": 100, "stress": 2000}  # per fuzz test
+from tests.helpers import FUZZ_EXAMPLES
 
 settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -21,9 +20,4 @@ settings.register_profile(
     print_blob=True,
 )
 if "HYPOTHESIS_PROFILE" in os.environ:
-    settings.load_profile(PROFILE)
-
-
-def fuzz_examples() -> int:
-    """Examples per fuzz test: FUZZ_EXAMPLES of the profile, or $FUZZ_EXAMPLES."""
-    return int(os.environ.get("FUZZ_EXAMPLES", FUZZ_EXAMPLES.get(PROFILE, 150)))
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])

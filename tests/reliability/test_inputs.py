@@ -25,8 +25,7 @@ from compressor.recipe import (
     with_overrides,
 )
 from compressor.teacher import read_teacher_config
-from tests.conftest import RECIPES, ROOT
-from tests.test_baselines import base_recipe, small_teacher
+from tests.helpers import RECIPES, ROOT, small_recipe, small_teacher
 
 TINY = RECIPES / "tiny-test.yaml"
 
@@ -312,7 +311,7 @@ def test_a_bad_corpus_is_one_data_error_and_no_run_dir(
     tmp_path, packaged_tokenizer, name, content, needle
 ):
     (tmp_path / name).write_bytes(content)
-    raw = recipe_to_dict(base_recipe())
+    raw = recipe_to_dict(small_recipe())
     raw["data"] = {"source": "files", "files": [str(tmp_path / name)], "max_length": 16,
                    "heldout": 3, "quality_texts": 0}  # fmt: skip
     recipe = parse_recipe(raw)

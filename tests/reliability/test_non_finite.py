@@ -13,8 +13,7 @@ from compressor.errors import CheckFailed, RecipeError
 from compressor.gates import gate_failures
 from compressor.recipe import GatesSpec, load_recipe, parse_recipe, recipe_to_dict
 from compressor.rundir import SUMMARY_FILE
-from tests.conftest import RECIPES, tiny_bert
-from tests.test_baselines import base_recipe, small_teacher
+from tests.helpers import RECIPES, small_recipe, small_teacher, tiny_bert
 
 NAN, INF = float("nan"), float("inf")
 
@@ -52,7 +51,7 @@ def test_non_finite_recipe_values_are_refused(key, value):
 
 def test_a_diverging_run_stops_and_leaves_nothing_to_register(tmp_path, packaged_tokenizer):
     """lr 1e6 on a small seeded BERT: the loss leaves the finite range within a few steps."""
-    recipe = base_recipe(steps=6, lr=1e6)
+    recipe = small_recipe(steps=6, lr=1e6)
     with pytest.raises(CheckFailed, match=r"training diverged at step \d+"):
         pipeline.run(recipe, tmp_path, teacher=small_teacher(packaged_tokenizer))
     run_dir = next(tmp_path.glob("*/*/"))

@@ -27,8 +27,7 @@ from compressor.cli.main import main
 from compressor.errors import RecipeError, TeacherError
 from compressor.recipe import load_recipe
 from compressor.teacher import resolve_source
-from tests.conftest import PACKAGED, RECIPES
-from tests.reliability.conftest import fuzz_examples
+from tests.helpers import PACKAGED, RECIPES, fuzz_examples
 
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 MAX_OUTPUT = 20_000  # characters: one message per problem, each value cut short

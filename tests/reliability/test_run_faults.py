@@ -37,8 +37,7 @@ from compressor.rundir import (
     RECIPE_FILE,
 )
 from compressor.teacher import load_teacher, read_teacher_config
-from tests.conftest import RECIPES
-from tests.test_baselines import base_recipe, small_teacher
+from tests.helpers import RECIPES, shrink, small_recipe, small_teacher
 
 
 def state(step: int) -> Checkpoint:
@@ -94,7 +93,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(damage, tmp_path):
 def recipe_dir(tmp_path, recipe=None):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    raw = recipe_to_dict(recipe or base_recipe(steps=4))
+    raw = recipe_to_dict(recipe or small_recipe(steps=4))
     (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
     return run_dir
 
@@ -135,13 +134,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert StorageError.exit_code != 0
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_run_is_one_error_and_the_run_resumes(
     tmp_path, monkeypatch, packaged_tokenizer
 ):
-    recipe = base_recipe(steps=4)
-    recipe = recipe.model_copy(
-        update={"train": recipe.train.model_copy(update={"checkpoint_every": 1})}
-    )
+    recipe = shrink(small_recipe(steps=4), train=dict(checkpoint_every=1))
     calls = {"n": 0}
     real = ckpt_mod.write_payload
 
@@ -186,11 +183,8 @@ def test_packing_is_bit_exact():
 
 
 def steps_recipe(steps=6, end_step=3):
-    r = base_recipe(steps=steps, lr=1e-3)
-    return r.model_copy(update={
-        "pruning": r.pruning.model_copy(update={"end_step": end_step, "interval": 1}),
-        "train": r.train.model_copy(update={"checkpoint_every": 1}),
-    })  # fmt: skip
+    return shrink(small_recipe(steps=steps, lr=1e-3), pruning=dict(end_step=end_step, interval=1),
+                  train=dict(checkpoint_every=1))  # fmt: skip
 
 
 def naive_size(run_dir, tmp_path) -> int:
@@ -207,6 +201,7 @@ def naive_size(run_dir, tmp_path) -> int:
     return (tmp_path / "naive.pt").stat().st_size
 
 
+@pytest.mark.slow
 def test_checkpoints_are_small_and_resume_bit_identical(tmp_path, packaged_tokenizer):
     recipe = steps_recipe()
     teacher = lambda: small_teacher(packaged_tokenizer)  # noqa: E731
@@ -229,7 +224,7 @@ def test_checkpoints_are_small_and_resume_bit_identical(tmp_path, packaged_token
 
 
 def test_resume_before_the_first_checkpoint_restarts_the_metrics(tmp_path, packaged_tokenizer):
-    run_dir = recipe_dir(tmp_path, base_recipe(steps=2))
+    run_dir = recipe_dir(tmp_path, small_recipe(steps=2))
     (run_dir / METRICS_FILE).write_text('{"step": 0, "stale": true}\n{"step": 1, "stale": 1}\n')
     pipeline.resume(run_dir, teacher=small_teacher(packaged_tokenizer), register=False)
     records = read_metrics(run_dir / METRICS_FILE)
@@ -270,7 +265,7 @@ def test_sigterm_in_training_checkpoints_and_exits_143(tmp_path, monkeypatch, pa
 
     monkeypatch.setattr(state, "check_finite_losses", term_at_step_1)
     with pytest.raises(Interrupted) as err:
-        pipeline.run(base_recipe(steps=4), tmp_path, teacher=small_teacher(packaged_tokenizer))
+        pipeline.run(small_recipe(steps=4), tmp_path, teacher=small_teacher(packaged_tokenizer))
     assert err.value.exit_code == 143 and err.value.has_checkpoint
     assert load_checkpoint(err.value.run_dir).step == 2
     assert "from its last checkpoint" in str(err.value)

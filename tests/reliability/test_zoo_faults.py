@@ -38,7 +38,7 @@ from compressor.rundir import (
 from compressor.zoo import index as zoo_index
 from compressor.zoo import store as zoo
 from compressor.zoo.entry import file_table
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 
 WEIGHTS = f"{MODEL_DIR}/model.safetensors"
 EVALUATION = {

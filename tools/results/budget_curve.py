@@ -1,7 +1,7 @@
 """How quality approaches the teacher as the training budget grows: one recipe, the same target
 shape, its step budget (and pruning schedule, warm-up) scaled by each factor, over seeds.
 
-    .venv/bin/python tools/budget_curve.py --out runs/budget --factors 1,2,4 \
+    .venv/bin/python tools/results/budget_curve.py --out runs/budget --factors 1,2,4 \
         --reuse 1=runs/baselines/runs        # the x1 runs of `compress baselines`, if present
 
 Each budget is `compress baselines RECIPE --baselines '' --set train.steps=...` (HomoDistil
@@ -19,7 +19,7 @@ from compressor.baselines.variants import compare
 from compressor.evaluate.settings import EvalSettings
 from compressor.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scaled(recipe_path: Path, factor: float) -> list[str]:

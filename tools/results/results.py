@@ -1,8 +1,8 @@
 """The default recipe over seeds x thread counts: quality of the shipped model, mean and spread,
 and how far the plan moves when only the thread count does.
 
-    .venv/bin/python tools/results.py --out runs/results            # 3 seeds x {1, 2} threads
-    .venv/bin/python tools/results.py --out runs/results --perturb  # + seed 0 at the first thread
+    .venv/bin/python tools/results/results.py --out runs/results            # 3 seeds x {1, 2} threads
+    .venv/bin/python tools/results/results.py --out runs/results --perturb  # + seed 0 at the first thread
                             # count, the teacher nudged by relative 1e-6 noise, and under bf16 autocast
 
 Each run is `compress run RECIPE --set train.seed=S --set train.threads=T` (no export, no zoo:
@@ -25,7 +25,7 @@ from compressor.recipe import load_recipe, require_same_recipe, with_overrides
 from compressor.rundir import PLAN_FILE, SUMMARY_FILE, read_json
 from compressor.stats import over_seeds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("similarity_spearman", "neighbour_top1", "neighbour_top5")
 
 

@@ -2,7 +2,7 @@
 --probe` on the mean-pooled output of the embedding layer alone (no transformer layer), beside
 the teacher's embedding layer and first layers (`--each-layer`: each run after every layer).
 
-    .venv/bin/python tools/lexical_probe.py RUN_DIR... [--task rotten_tomatoes] [--each-layer]
+    .venv/bin/python tools/studies/lexical_probe.py RUN_DIR... [--task rotten_tomatoes] [--each-layer]
 
 If the embedding layer alone scores as well as the whole teacher, the task's probe measures how
 much word-level information survives to the last layer more than sentence meaning.

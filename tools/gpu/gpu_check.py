@@ -2,11 +2,11 @@
 compressed to 6L/384H by recipes/bert-base-to-6L384.yaml's method at its micro-batch (256 x 128
 tokens) in bf16, for a few hundred steps, then slimmed, exported to ONNX and verified.
 
-    python tools/gpu_check.py --device cuda --out /tmp/gpu-check            # on a GPU (~minutes)
-    python tools/gpu_check.py --device cpu --tiny --steps 3 --out /tmp/gc   # the same path, tiny
+    python tools/gpu/gpu_check.py --device cuda --out /tmp/gpu-check            # on a GPU (~minutes)
+    python tools/gpu/gpu_check.py --device cpu --tiny --steps 3 --out /tmp/gc   # the same path, tiny
 
-On a machine without network, tools/gpu_check.sh runs it with the wheels and files that
-tools/gpu_check_pack.sh gathered. Prints one `field: value` line per result, writes them to
+On a machine without network, tools/gpu/gpu_check.sh runs it with the wheels and files that
+tools/gpu/gpu_check_pack.sh gathered. Prints one `field: value` line per result, writes them to
 OUT/gpu_check.json, and exits 3 when a check fails:
   tokens/s (median over the logged training records), peak memory, MFU (model FLOPs, flops.py;
   CUDA devices of known peak only), the step-0 identity (fp32, the pipeline's check) and again
@@ -44,7 +44,7 @@ from compressor.recipe import TeacherSpec, load_recipe, parse_recipe, recipe_to_
 from compressor.rundir import METRICS_FILE, ONNX_DIR, ONNX_FILE
 from compressor.teacher import Teacher, freeze, resolve_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "bert-base-to-6L384.yaml"
 # bf16 keeps 8 bits of mantissa. The bf16 diffs are held to a share of the largest |value| of the
 # reference; measured on CPU for BERT-base (4 texts x 128 tokens): 0.5% (step-0 identity) and 0.2%

@@ -2,9 +2,9 @@
 checkpoint's write, export/verify/benchmark, registration), resume each with the command the
 tool names, and check that nothing was lost and the result equals an uninterrupted run's.
 
-    python tools/random_kill_loop.py --kills 30                # the tiny recipe, 30 kills
-    python tools/random_kill_loop.py --kills 5 --corrupt 0     # no damaged checkpoints
-    python tools/random_kill_loop.py --kills 3 --recipe recipes/tiny-test.yaml --seed 7 \
+    python tools/reliability/random_kill_loop.py --kills 30                # the tiny recipe, 30 kills
+    python tools/reliability/random_kill_loop.py --kills 5 --corrupt 0     # no damaged checkpoints
+    python tools/reliability/random_kill_loop.py --kills 3 --recipe recipes/tiny-test.yaml --seed 7 \
         --out /tmp/kill-loop --set train.threads=1
 
 First the recipe runs once uninterrupted (the reference, unless --reference names one; its wall
@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compressor.rundir import (  # noqa: E402

@@ -1,13 +1,13 @@
 """Count what the recipe fuzzer finds in a source tree, without stopping at the first failure.
 
-    python tools/fuzz_census.py --examples 2000                     # this tree
-    python tools/fuzz_census.py --tree /tmp/old --examples 2000     # another checkout
+    python tools/reliability/fuzz_census.py --examples 2000                     # this tree
+    python tools/reliability/fuzz_census.py --tree /tmp/old --examples 2000     # another checkout
 
 The examples are drawn by tests/reliability/test_recipe_fuzz.py's strategies (mutated packaged
 recipes of the tree, damaged bytes and encodings, hostile YAML) with a fixed seed, and each is fed
 to that tree's `compress recipe check` (click's CliRunner) and `load_recipe`. A tree without
-tests/reliability/ gets this tree's copy of it. Each example runs under a time and memory limit
-(an alias bomb can eat either). Prints one JSON line: examples, passed, refused (exit 2, one
+tests/reliability/ gets this tree's copy of it (and of tests/helpers.py, if it has none). Each
+example runs under a time and memory limit (an alias bomb can eat either). Prints one JSON line: examples, passed, refused (exit 2, one
 `error:` message), escaped (an exception that would print a traceback, by type), other exits,
 runaway messages, timeouts, and the same for the library path (`load_recipe` raising anything but
 RecipeError).
@@ -25,8 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parents[1]
-FUZZ_FILES = ("__init__.py", "conftest.py", "test_recipe_fuzz.py")
+HERE = Path(__file__).resolve().parents[2]
+# under tests/: the fuzzer, its Hypothesis profiles and the test kit they import
+FUZZ_FILES = (
+    "helpers.py",
+    "reliability/__init__.py",
+    "reliability/conftest.py",
+    "reliability/test_recipe_fuzz.py",
+)
 
 
 class Timeout(Exception):
@@ -41,11 +47,12 @@ def main() -> int:
     p.add_argument("--memory-gib", type=float, default=3.0, help="address-space limit")
     args = p.parse_args()
     tree = Path(args.tree).resolve()
-    fuzz_dir = tree / "tests" / "reliability"
-    if not (fuzz_dir / "test_recipe_fuzz.py").exists():
-        fuzz_dir.mkdir(parents=True, exist_ok=True)
+    tests = tree / "tests"
+    if not (tests / "reliability" / "test_recipe_fuzz.py").exists():
+        (tests / "reliability").mkdir(parents=True, exist_ok=True)
         for name in FUZZ_FILES:
-            shutil.copyfile(HERE / "tests" / "reliability" / name, fuzz_dir / name)
+            if not (tests / name).exists():
+                shutil.copyfile(HERE / "tests" / name, tests / name)
     sys.path.insert(0, str(tree))
     limit = int(args.memory_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

