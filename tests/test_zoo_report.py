@@ -168,7 +168,9 @@ def test_a_zoo_of_only_unreadable_entries_is_one_clear_error(tiny_run, tmp_path)
     metrics.write_text("{not json\n")
     res = cli("report", "--zoo", str(root), "--out", str(tmp_path / "page"))
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert f"{entry}: left out of the report" in res.output and "metrics.jsonl: line 1" in res.output
+    assert (
+        f"{entry}: left out of the report" in res.output and "metrics.jsonl: line 1" in res.output
+    )
     assert f"compress zoo verify {entry}" in res.output and not (tmp_path / "page").exists()
 
 
