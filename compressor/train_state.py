@@ -112,9 +112,10 @@ def unpack_optimizer(packed: dict[str, Any]) -> dict[str, Any]:
 
 def pruning_remains(r: Recipe, next_step: int) -> bool:
     p = r.pruning
+    last = min(r.train.steps, max(p.start_step, p.end_step) + 1)  # no event after end_step
     return any(
         schedule.is_pruning_step(s, p.start_step, p.end_step, p.interval, p.schedule)
-        for s in range(next_step, r.train.steps)
+        for s in range(next_step, last)
     )
 
 

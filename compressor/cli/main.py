@@ -4,6 +4,7 @@ message, never a traceback. Heavy modules are imported inside the command that n
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 from pathlib import Path
@@ -26,6 +27,13 @@ class _Group(click.Group):
         except CompressError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(err.exit_code)
+        except OSError as err:  # a read-only run directory, zoo or output folder
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            click.secho(f"error: {where}{err.strerror or err}; nothing more was written"
+                        " (is it read-only for this user?)", fg="red", err=True)  # fmt: skip
+            ctx.exit(1)
         except KeyboardInterrupt as err:  # outside a run: nothing to resume
             click.secho("interrupted", err=True)
             ctx.exit(128 + (int(err.args[0]) if err.args else signal.SIGINT))
