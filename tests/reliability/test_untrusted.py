@@ -263,6 +263,48 @@ def test_export_onnx_refuses_a_custom_sentence_module(tmp_path):
     assert not marker.exists()
 
 
+def real_sentence_model(tmp_path, tokenizer, code: str) -> Path:
+    """A tiny real sentence encoder (seeded BERT, the packaged teacher's sentence-transformers
+    files) whose Pooling module is `evil.Pooling`, defined by `code` in model/evil.py."""
+    from compressor.prune.slim import save_slim_model
+    from compressor.teacher import resolve_source, sentence_transformers_files
+    from tests.conftest import PACKAGED, tiny_bert
+
+    files = sentence_transformers_files(Path(resolve_source(PACKAGED)))
+    files[ST_MODULES_FILE] = [
+        {**m, "type": "evil.Pooling"} if m["type"].endswith(".Pooling") else m
+        for m in files[ST_MODULES_FILE]
+    ]
+    model = tiny_bert(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    model_dir = tmp_path / "model"
+    save_slim_model(model, tokenizer, files, model_dir)
+    (model_dir / "evil.py").write_text(code)
+    return model_dir
+
+
+def test_exporting_a_real_sentence_encoder_does_not_run_its_custom_module(
+    tmp_path, packaged_tokenizer
+):
+    """The export's reference embeddings load the model with sentence-transformers, which
+    imports a custom module from the model folder: refused before that, unless trusted."""
+    from compressor.deploy.export import export_onnx, save_samples
+
+    marker = tmp_path / "ran"
+    code = (
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from sentence_transformers.models import Pooling as _Pooling\n"
+        "class Pooling(_Pooling):\n    pass\n"
+    )
+    model_dir = real_sentence_model(tmp_path, packaged_tokenizer, code)
+    with pytest.raises(CompressError, match=r"evil\.Pooling.*--trust-remote-code"):
+        export_onnx(model_dir, tmp_path / "onnx")
+        save_samples(tmp_path / "onnx", model_dir, ["a text", "another"], (1,), (8,))
+    assert not marker.exists()
+    export_onnx(model_dir, tmp_path / "onnx2", trust_remote_code=True)  # asked for: it may run
+    save_samples(tmp_path / "onnx2", model_dir, ["a text", "another"], (1,), (8,))
+    assert marker.exists()
+
+
 def test_sentence_spec_checks_the_whole_module_type(tmp_path):
     from compressor.deploy.sentence import sentence_spec
 
