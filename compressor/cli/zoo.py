@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from compressor.errors import CheckFailed
-from compressor.trust import printable
+from compressor.rundir import MODEL_DIR
+from compressor.trust import code_in, printable
 from compressor.zoo import html_report, report
 from compressor.zoo import store as zoo
 
@@ -156,6 +157,8 @@ def add_cmd(run_dir: Path, zoo_dir: Path | None, trust_remote_code: bool) -> Non
 
     entry_id = register_run(run_dir, zoo_dir, trust_remote_code=trust_remote_code)
     click.echo(f"registered in the zoo: {entry_id}")
+    for line in code_in(run_dir, (MODEL_DIR,)) if trust_remote_code else []:
+        click.echo(f"warning: registered with code (--trust-remote-code): {printable(line)}")
 
 
 @zoo_group.command("reindex")

@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -67,6 +67,7 @@ from compressor.trust import (
     TRUST_FLAG,
     code_in,
     custom_modules,
+    first_link,
     inside,
     is_code_file,
     links_under,
@@ -166,7 +167,13 @@ def fault_text(err: BaseException) -> str:
 
 
 def _entry_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in (root / ENTRIES).glob("/".join(["*"] * ID_SEGMENTS)) if p.is_dir())
+    """Entry folders on disk (a link is never one: it could point anywhere on this machine)."""
+    base = root / ENTRIES
+    return sorted(
+        p
+        for p in base.glob("/".join(["*"] * ID_SEGMENTS))
+        if p.is_dir() and first_link(base, PurePosixPath(p.relative_to(base).as_posix())) is None
+    )
 
 
 def _now() -> str:
@@ -779,6 +786,9 @@ def _reindexed_row(
 ) -> tuple[dict[str, Any] | None, str]:
     """(the row to index, a note) for one entry directory, or (None, why it is skipped)."""
     rel = d.relative_to(root / ENTRIES).as_posix()
+    links = links_under(d)
+    if links:
+        return None, f"{rel}: holds a symbolic link ({links[0]}); entries hold files only"
     try:
         row = entry_row(d)
         manifest = read_json(d / MANIFEST_FILE)

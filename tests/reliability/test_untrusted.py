@@ -238,6 +238,24 @@ def test_export_does_not_follow_a_linked_folder_in_the_entry(root, entry, tmp_pa
     assert not (tmp_path / "bundle").exists()
 
 
+def test_reindex_does_not_adopt_a_linked_entry_folder_or_an_entry_holding_a_link(
+    root, entry, tmp_path
+):
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    outside = tmp_path / "outside-entry"
+    shutil.copytree(zoo.entry_dir(root, entry), outside)
+    linked = zoo.entry_dir(root, entry).parent / "0123456789"
+    linked.symlink_to(outside)
+    other = zoo.register(synthetic_run(tmp_path / "other", "o"), root)
+    d = zoo.entry_dir(root, other)
+    (d / "model" / "vocab.txt").symlink_to(secret)
+    res = cli("zoo", "reindex", "--zoo", str(root))
+    assert res.exit_code == 0, res.output
+    ids = [r["id"] for r in zoo.list_entries(root)]
+    assert ids == [entry] and f"skipped {other}" in res.output and "link" in res.output
+
+
 def test_modules_json_pooling_path_cannot_leave_the_model(tmp_path):
     from compressor.deploy.sentence import sentence_spec
 
@@ -323,7 +341,7 @@ def test_zoo_add_refuses_code_unless_trusted(module_type, root, tmp_path):
     assert zoo.list_entries(root) == [] and not marker.exists()
     res = cli("zoo", "add", str(run), "--zoo", str(root), TRUST)
     assert res.exit_code == 0, res.output
-    assert not marker.exists()
+    assert not marker.exists() and "warning: registered with code" in res.output
 
 
 def test_zoo_verify_reports_code_in_an_entry(root, tmp_path):
