@@ -62,6 +62,7 @@ from compressor.zoo.report import (
 BenchPoint = tuple[str, int, int]  # (runtime, batch, sequence length)
 PLOT_RUNTIME = "onnxruntime"
 MISSING = "-"
+MAX_CURVES = 50  # discrepancy curves drawn (best ranked first): each is a PNG of ~50 kB, ~0.3 s
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -219,7 +220,7 @@ def figures(entries: list[ReportEntry]) -> dict[str, str]:
             "similarity to the teacher (Spearman, held-out texts)",
         )
         out["plot"] = report_plots.data_uri(png)
-    for i, e in enumerate(entries, 1):
+    for i, e in enumerate(entries[:MAX_CURVES], 1):
         if any("discrepancy" in r for r in e.curve):
             png = report_plots.curve_png(e.curve, f"#{i} {e.row['id']}")
             out[e.row["id"]] = report_plots.data_uri(png)
@@ -331,11 +332,16 @@ def plot_section(entries: list[ReportEntry], images: dict[str, str]) -> str:
 
 def entry_section(i: int, e: ReportEntry, images: dict[str, str]) -> str:
     rid = e.row["id"]
-    curve = (
-        f'<img class="curve" src="{images[rid]}" alt="discrepancy curve of {esc(rid)}">'
-        if rid in images
-        else '<p class="note">no discrepancy curve recorded (metrics.jsonl)</p>'
-    )
+    if rid in images:
+        curve = f'<img class="curve" src="{images[rid]}" alt="discrepancy curve of {esc(rid)}">'
+    elif i > MAX_CURVES:
+        curve = (
+            f'<p class="note">curves are drawn for the first {MAX_CURVES} entries only (a large'
+            f" zoo stays a small page); see <code>compress zoo show {esc(rid)}</code></p>"
+        )
+    else:
+        curve = '<p class="note">no discrepancy curve recorded (metrics.jsonl)</p>'
+
     card = f"<pre>{esc(e.card)}</pre>" if e.card else '<p class="note">no model card</p>'
     return (
         f'<section class="entry" id="entry-{i}"><h3>#{i} <code>{esc(rid)}</code></h3>'

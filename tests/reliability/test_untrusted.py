@@ -508,6 +508,20 @@ def test_a_checkpoint_of_a_long_run_does_not_walk_every_remaining_step(monkeypat
     assert len(calls) < 10
 
 
+def test_the_report_of_a_large_zoo_draws_a_bounded_number_of_curves(root, tmp_path, monkeypatch):
+    """Each curve is a PNG inlined in the page (~0.3 s and ~50 kB): a zoo of 1,000 entries took
+    6 minutes and 74 MB. Only the first MAX_CURVES entries get one."""
+    from compressor.zoo import html_report
+
+    monkeypatch.setattr(html_report, "MAX_CURVES", 2)
+    for i in range(4):
+        zoo.register(synthetic_run(tmp_path / f"run{i}", f"c{i}"), root)
+    res = cli("zoo", "report", "--out", str(tmp_path / "r"), "--zoo", str(root))
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r" / ZOO_REPORT_FILE).read_text()
+    assert page.count('<img class="curve"') == 2 and "first 2 entries only" in page
+
+
 # ---------------------------------------------------------------------------- 6. environments
 
 
@@ -600,6 +614,17 @@ def test_a_read_only_run_directory_is_one_error_not_a_traceback(tmp_path):
     with read_only(run):
         res = cli("export", "--onnx", "--no-bench", str(run))
     refused(res, str(run))
+
+
+def test_an_unwritable_home_is_one_clear_error(tmp_path, monkeypatch):
+    from compressor.cache import cache_root
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.delenv("COMPRESS_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    with read_only(home), pytest.raises(CompressError, match="COMPRESS_CACHE"):
+        cache_root()
 
 
 # ---------------------------------------------------------------------------- 7. malformed files
