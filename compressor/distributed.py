@@ -32,18 +32,47 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compressor.errors import CheckFailed
+from compressor.errors import BadEnvironment, CheckFailed
 
 T = TypeVar("T")
 
 
+def env_int(name: str, default: int, low: int, high: int | None = None) -> int:
+    """The integer in environment variable `name` (`default` when unset), refused (BadEnvironment
+    naming it) unless low <= value (< high)."""
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        bound = f"an integer >= {low}" + (f" and < {high}" if high is not None else "")
+        raise BadEnvironment(
+            f"environment variable {name}={text[:40]!r}: expected {bound} (torchrun sets it;"
+            f" unset it for a single process)"
+        )
+    return value
+
+
 def world_size() -> int:
     """Processes in this run (torchrun's WORLD_SIZE; 1 in a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", 1, 1)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+    size = world_size()
+    return env_int("RANK", 0, 0, size) if size > 1 else 0
+
+
+def check_environment() -> None:
+    """Every torchrun variable this package reads, validated before any work starts."""
+    size = world_size()
+    if size > 1:
+        rank()
+        per_machine = env_int("LOCAL_WORLD_SIZE", size, 1, size + 1)
+        env_int("LOCAL_RANK", 0, 0, per_machine)
 
 
 def is_main() -> bool:
@@ -63,11 +92,12 @@ def session(device: torch.device) -> Iterator[torch.device]:
     if world_size() == 1 or dist.is_initialized():
         yield device
         return
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    check_environment()
+    local = env_int("LOCAL_RANK", 0, 0)
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+    per_machine = env_int("LOCAL_WORLD_SIZE", world_size(), 1)
     torch.set_num_threads(max(1, available_cores() // per_machine))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:

@@ -52,6 +52,19 @@ class ZooError(CompressError):
     exit_code = 2
 
 
+class UntrustedInput(CompressError):
+    """A folder compress did not make asks for something it does not do unasked: a path that
+    leaves the folder, a link out of it, code that would run (docs/security.md)."""
+
+    exit_code = 2
+
+
+class BadEnvironment(CompressError):
+    """An environment variable compress reads (WORLD_SIZE, COMPRESS_CACHE, HOME...) is unusable."""
+
+    exit_code = 2
+
+
 class StorageError(CompressError):
     """Writing to disk failed (disk full, quota, read-only); what was there before is intact."""
 

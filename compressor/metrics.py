@@ -65,11 +65,12 @@ def plot_run(records: list[dict[str, Any]], out: Path | BinaryIO, title: str) ->
     fig, ax1 = plt.subplots(figsize=(8, 4.5))
     ax1.plot([r["step"] for r in ev], [r["discrepancy"] for r in ev], color="tab:red", marker=".")
     ax1.set_xlabel("step")
-    ax1.set_ylabel(ev[0]["discrepancy_kind"] if ev else "discrepancy", color="tab:red")
+    kind = str(ev[0].get("discrepancy_kind", "discrepancy")) if ev else "discrepancy"
+    ax1.set_ylabel(kind, color="tab:red", parse_math=False)
     ax2 = ax1.twinx()
     ax2.plot([r["step"] for r in tr], [r["params"] / 1e6 for r in tr], color="tab:blue")
     ax2.set_ylabel("student parameters (M)", color="tab:blue")
-    ax1.set_title(title)
+    ax1.set_title(title, parse_math=False)  # text from a run, not mathtext
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -67,8 +67,10 @@ from compressor.rundir import (
     START_FILES,
     SUMMARY_FILE,
     RunSummary,
+    lock_run_dir,
     new_run_dir,
     read_summary,
+    require_not_entry,
     require_run_dir,
     write_summary,
 )
@@ -96,15 +98,18 @@ def run(
     zoo: Path | None = None,
     register: bool = True,
     overrides: list[str] = (),
+    allow_large: bool = False,
 ) -> RunResult:
     """Run a recipe end to end in a new run directory. `teacher` overrides the recipe's teacher
     (tests use it for a randomly initialised BERT-base); `stop_after` ends training early; `zoo`
     is where a verified result is registered (unless `register` is false); `overrides` are
-    `section.key=value` changes to the recipe (`compress run --set`). Under torchrun every
-    process calls it; rank 0 creates the run directory and writes every file."""
+    `section.key=value` changes to the recipe (`compress run --set`); `allow_large` skips the
+    memory check against this machine. Under torchrun every process calls it; rank 0 creates the
+    run directory and writes every file."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe = with_overrides(recipe, list(overrides))
-    check_against_teacher(recipe, teacher.model.config.to_dict() if teacher else None)
+    cfg = teacher.model.config.to_dict() if teacher else None
+    check_against_teacher(recipe, cfg, allow_large)
     check_processes(recipe)
     with distributed.session(pick_device(recipe.train.device)) as device:
         main = distributed.is_main()
@@ -177,15 +182,16 @@ def resume(
     register: bool = True,
 ) -> RunResult:
     """Continue a run from its last checkpoint, with the recipe it was started with."""
-    run_dir = require_run_dir(run_dir)
-    if (run_dir / SUMMARY_FILE).exists():
-        return finish_deployment(run_dir, teacher, zoo, register)
-    # none left good, or written by another number of processes: say so before loading more
-    check_same_processes(load_checkpoint(run_dir, warn=lambda _: None), run_dir)
-    recipe = load_run_recipe(run_dir)
-    check_processes(recipe)
-    with distributed.session(pick_device(recipe.train.device)) as device:
-        return _execute(recipe, run_dir, device, teacher, stop_after, zoo, register)
+    run_dir = require_run_dir(require_not_entry(run_dir))
+    with lock_run_dir(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        if (run_dir / SUMMARY_FILE).exists():
+            return finish_deployment(run_dir, teacher, zoo, register)
+        # none left good, or written by another number of processes: say so before loading more
+        check_same_processes(load_checkpoint(run_dir, warn=lambda _: None), run_dir)
+        recipe = load_run_recipe(run_dir)
+        check_processes(recipe)
+        with distributed.session(pick_device(recipe.train.device)) as device:
+            return _execute(recipe, run_dir, device, teacher, stop_after, zoo, register)
 
 
 def _execute(
@@ -346,11 +352,16 @@ def finish_deployment(
         raise interrupted(run_dir, err) from None
 
 
-def check_against_teacher(recipe: Recipe, cfg: dict | None = None) -> None:
-    """Validate the target against the teacher's config before any weights load."""
+def check_against_teacher(
+    recipe: Recipe, cfg: dict | None = None, allow_large: bool = False
+) -> None:
+    """Validate the target against the teacher's config, and the memory the training needs
+    against this machine's (unless `allow_large`), before any weights load."""
+    from compressor.plan_report import resource_problems
+
     cfg = cfg or read_teacher_config(recipe.teacher)
     if cfg is not None:
-        problems = teacher_problems(recipe, cfg)
+        problems = teacher_problems(recipe, cfg) or resource_problems(recipe, cfg, allow_large)
         if problems:
             raise RecipeError(recipe.name, problems)
 
@@ -445,10 +456,14 @@ def untrained_slice(recipe: Recipe, output: Path, teacher: Teacher | None = None
     return RunResult(run_dir, summary.to_dict())
 
 
-def register_run(run_dir: Path, zoo: Path | None = None) -> str:
-    """Register a finished, verified run in the zoo (`compress zoo add`): its recipe's gates are
-    checked first (the quality gate evaluates the run if its evaluation is not recorded yet)."""
+def register_run(run_dir: Path, zoo: Path | None = None, trust_remote_code: bool = False) -> str:
+    """Register a finished, verified run in the zoo (`compress zoo add`): what the zoo refuses
+    (links, malformed files, code unless `trust_remote_code`) is checked first, then its recipe's
+    gates (the quality gate evaluates the run if its evaluation is not recorded yet)."""
+    run_dir = require_not_entry(Path(run_dir))
+    zoo_store.check_registrable(run_dir, trust_remote_code)
     recipe = load_run_recipe(run_dir)
-    evaluate_for_gates(recipe.gates, Path(run_dir))
-    check_gates(recipe.gates, Path(run_dir))
-    return zoo_store.register(Path(run_dir), zoo_store.zoo_root(zoo, recipe.zoo.dir))
+    evaluate_for_gates(recipe.gates, run_dir)
+    check_gates(recipe.gates, run_dir)
+    root = zoo_store.zoo_root(zoo, recipe.zoo.dir)
+    return zoo_store.register(run_dir, root, trust_remote_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from compressor.arch import architecture_for
@@ -13,9 +14,11 @@ from compressor.shapes import Shape, Vocab, config_has_mlm_head, param_count
 from compressor.teacher import read_teacher_config
 
 
-def plan_report(path: Path, overrides: list[str] = ()) -> str:
+def plan_report(path: Path, overrides: list[str] = (), allow_large: bool = False) -> str:
     """The recipe at `path` (with `section.key=value` overrides) validated and described: teacher
-    and student, the widths along the schedule, how decisions are taken, the budget."""
+    and student, the widths along the schedule, how decisions are taken, the budget. A recipe
+    whose training memory estimate exceeds this machine's memory is refused unless
+    `allow_large` (`--allow-large`)."""
     recipe = with_overrides(load_recipe(path), list(overrides))
     cfg = read_teacher_config(recipe.teacher)
     lines = [f"recipe {path}: valid", f"  name: {recipe.name}"]
@@ -33,7 +36,7 @@ def plan_report(path: Path, overrides: list[str] = ()) -> str:
             " --set teacher.id=DIR with its config.json)"
         )
         return "\n".join(lines)
-    problems = teacher_problems(recipe, cfg)
+    problems = teacher_problems(recipe, cfg) or resource_problems(recipe, cfg, allow_large)
     if problems:
         raise RecipeError(str(path), problems)
     full = Shape.of_config(cfg)
@@ -95,6 +98,33 @@ def decision_policy(r: Recipe) -> str:
         f" {p.probe_batches} fp32 dropout probe batches; every kind's median score must be"
         f" >= {p.min_signal_margin:g}x its noise floor"
     )
+
+
+def machine_memory_gb() -> float | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resource_problems(r: Recipe, cfg: dict, allow_large: bool = False) -> list[str]:
+    """The training memory estimate against this machine's memory, checked before any work
+    starts ([] with `allow_large`, for a machine this one is not)."""
+    if allow_large:
+        return []
+    full = Shape.of_config(cfg)
+    vocab = Vocab(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"])
+    n_t = param_count(full, vocab, mlm_head=config_has_mlm_head(cfg))
+    need, have = memory_estimate_gb(r, full, n_t), machine_memory_gb()
+    if have is None or need <= have:
+        return []
+    return [
+        f"train.batch_size={r.train.batch_size} x data.max_length={r.data.max_length}: training"
+        f" needs about {need:,.1f} GB of memory (rough estimate), this machine has {have:.1f} GB;"
+        " lower train.batch_size (raise train.grad_accum for the same global batch) or"
+        " data.max_length, or pass --allow-large to run it anyway on a machine that has it"
+    ]
 
 
 def memory_estimate_gb(r: Recipe, full: Shape, n_params: int) -> float:

@@ -37,6 +37,8 @@ MAX_PROBLEMS = 25  # problems listed in one error; the rest are counted
 SHOWN_CHARS = 80  # a value quoted in an error is cut to this many characters
 INT64 = 2**63
 MAX_SEED = 2**32  # seeds are scaled (seed * 1_000_003 + ...) into torch's 64-bit generator seed
+MAX_STEPS = 10_000_000  # train.steps: 10M optimizer steps
+MAX_BATCH = 65_536  # train.batch_size and train.grad_accum
 MAX_NAME_BYTES = 255  # one path component on every common file system
 MAX_PATH_BYTES = 4096
 
@@ -299,9 +301,11 @@ class DistillSpec(_Frozen):
 
 
 class TrainSpec(_Frozen):
-    steps: int = Field(ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    # upper bounds: far past any distillation this package runs (weeks of a large GPU), short of
+    # requests that would spin or allocate until the machine gives up
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
     lr: float = Field(3e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)  # decay would pull the student off the teacher
@@ -613,7 +617,9 @@ def require_same_recipe(run_dir: Path, wanted: Recipe) -> Path:
 
 
 def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
-    """The recipe with `section.key=value` overrides (values parsed as YAML), re-validated."""
+    """The recipe with `section.key=value` (or top-level `key=value`) overrides, values parsed as
+    YAML and held to the type the recipe has there (a boolean is not a number, nor the reverse),
+    then re-validated."""
     if not overrides:
         return base
     raw = recipe_to_dict(base)
@@ -621,18 +627,41 @@ def with_overrides(base: Recipe, overrides: list[str]) -> Recipe:
     for item in overrides:
         key, sep, value = item.partition("=")
         path = key.strip().split(".")
-        if not sep or len(path) != 2 or not isinstance(raw.get(path[0]), dict):
+        container = raw if len(path) == 1 else raw.get(path[0])
+        if not sep or len(path) > 2 or not all(path) or not isinstance(container, dict):
             problems.append(
-                f"--set {shown(item)}: expected section.key=value, e.g. pruning.end_step=50"
+                f"--set {shown(item)}: expected section.key=value or key=value, e.g."
+                " pruning.end_step=50 or name=my-run"
             )
             continue
+        if len(path) == 1 and isinstance(container.get(path[0]), dict):
+            problems.append(f"--set {shown(item)}: {path[0]} is a section; set one of its keys")
+            continue
         try:
-            raw[path[0]][path[1]] = parse_yaml(value, f"--set {shown(item)}")
+            parsed = parse_yaml(value, f"--set {shown(item)}")
         except RecipeError as err:
             problems += [f"--set {shown(item)}: the value is {p}" for p in err.problems]
+            continue
+        why = override_type_problem(container.get(path[-1]), parsed)
+        if why:
+            problems.append(f"--set {shown(item)}: {why}")
+            continue
+        container[path[-1]] = parsed
     if problems:
         raise RecipeError(base.name, problems)
     return parse_recipe(raw, cut(f"{base.name} with --set {' '.join(overrides)}"))
+
+
+def override_type_problem(current: Any, new: Any) -> str | None:
+    """Why `new` cannot replace `current` (the recipe's value there), or None. Only the kind is
+    checked here (booleans vs numbers); ranges and the rest are the recipe's own validation."""
+    if current is None or new is None:
+        return None
+    if isinstance(current, bool) and not isinstance(new, bool):
+        return f"expected true or false, got {shown(new)}"
+    if isinstance(current, int | float) and not isinstance(current, bool) and isinstance(new, bool):
+        return f"expected a number, got the boolean {shown(new)}"
+    return None
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:

@@ -17,9 +17,12 @@ A zoo entry holds the same files plus manifest.json and README.md (the model car
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -190,3 +193,56 @@ def require_run_dir(run_dir: Path) -> Path:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / RECIPE_FILE).exists()
+
+
+# ---------------------------------------------------------------------------- zoo entries, locks
+
+
+def entry_holding(path: Path) -> Path | None:
+    """The zoo entry folder that `path` is (or lies inside), else None. An entry holds a manifest
+    beside its recipe; a run directory never has a manifest."""
+    path = Path(path).resolve()
+    for d in (path, *path.parents):
+        if (d / MANIFEST_FILE).is_file() and (d / RECIPE_FILE).is_file():
+            return d
+    return None
+
+
+def require_not_entry(path: Path, what: str = "a run directory") -> Path:
+    """`path`, unless it is (or lies inside) a zoo entry: entries never change, so a command that
+    writes into a run directory refuses one, pointing to the entry's id."""
+    entry = entry_holding(path)
+    if entry is None:
+        return Path(path)
+    try:
+        entry_id = json.loads((entry / MANIFEST_FILE).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        entry_id = None
+    shown = repr(entry_id) if isinstance(entry_id, str) else "its id"
+    raise RunDirError(
+        f"{path}: this is a zoo entry ({shown}), not {what}; entries never change: give"
+        f" its id instead (e.g. `compress eval {entry_id if isinstance(entry_id, str) else 'ID'}"
+        " --task ...`, `compress zoo export ID DEST`)"
+    )
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: an exclusive flock on the directory itself, released when
+    the process ends however it ends (a crash cannot leave it stuck; nothing is written)."""
+    run_dir = Path(run_dir)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise RunDirError(f"{run_dir}: cannot open the run directory ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{run_dir}: in use by another process (a run, export or evaluation of it is"
+                " going on); wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)

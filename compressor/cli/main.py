@@ -4,6 +4,7 @@ message, never a traceback. Heavy modules are imported inside the command that n
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from compressor.cli.eval import baselines_cmd, eval_cmd
-from compressor.cli.zoo import zoo_group
+from compressor.cli.zoo import trust_option, zoo_group
 from compressor.errors import CompressError, Interrupted
 
 
@@ -26,11 +27,26 @@ class _Group(click.Group):
         except CompressError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(err.exit_code)
+        except OSError as err:  # a read-only run directory, zoo or output folder
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            click.secho(f"error: {where}{err.strerror or err}; nothing more was written"
+                        " (is it read-only for this user?)", fg="red", err=True)  # fmt: skip
+            ctx.exit(1)
         except KeyboardInterrupt as err:  # outside a run: nothing to resume
             click.secho("interrupted", err=True)
             ctx.exit(128 + (int(err.args[0]) if err.args else signal.SIGINT))
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+allow_large_option = click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Run a recipe whose training memory estimate exceeds this machine's memory (for a"
+    " machine that has it).",
+)
 
 
 def _sigterm(signum, frame):
@@ -55,6 +71,7 @@ def main() -> None:
 @click.option("--no-register", is_flag=True, help="Do not register the result in the zoo.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a key of RECIPE, e.g. train.steps=400 (repeatable).")  # fmt: skip
+@allow_large_option
 def run_cmd(
     recipe: Path | None,
     resume_dir: Path | None,
@@ -62,11 +79,14 @@ def run_cmd(
     zoo: Path | None,
     no_register: bool,
     overrides: tuple[str, ...],
+    allow_large: bool,
 ) -> None:
     """Distill + prune RECIPE's teacher into its target shape and write a slim model.
 
     Several processes (DDP): torchrun --nproc_per_node=N -m compressor run RECIPE"""
     from compressor import distributed, pipeline
+
+    distributed.check_environment()
 
     if (recipe is None) == (resume_dir is None):
         raise click.UsageError("give a RECIPE, or --resume RUN_DIR (not both)")
@@ -76,7 +96,8 @@ def run_cmd(
     if resume_dir:
         result = pipeline.resume(resume_dir, zoo=zoo, register=register)
     else:
-        result = pipeline.run(recipe, output, zoo=zoo, register=register, overrides=overrides)
+        result = pipeline.run(recipe, output, zoo=zoo, register=register, overrides=overrides,
+                              allow_large=allow_large)  # fmt: skip
     if not distributed.is_main():
         return  # rank 0 reports for every process
     click.echo(json.dumps(result.summary, indent=2))
@@ -91,15 +112,22 @@ def run_cmd(
 @click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
               help="Where to look for the latest run when RUN_DIR is not given.")  # fmt: skip
-def export_cmd(run_dir: Path | None, onnx: bool, no_bench: bool, runs: Path) -> None:
-    """Export a finished run (default: the latest) to ONNX, verify it, benchmark it."""
+@trust_option
+def export_cmd(
+    run_dir: Path | None, onnx: bool, no_bench: bool, runs: Path, trust_remote_code: bool
+) -> None:
+    """Export a finished run (default: the latest) to ONNX, verify it, benchmark it. A model
+    holding code (custom sentence-transformers modules, .py files) is refused unless
+    --trust-remote-code."""
     from compressor.deploy.stages import deploy
-    from compressor.rundir import latest_run
+    from compressor.rundir import latest_run, lock_run_dir, require_not_entry
 
     if not onnx:
         raise click.UsageError("choose a format: --onnx")
-    run_dir = run_dir or latest_run(runs)
-    summary = deploy(run_dir, bench=False if no_bench else None)
+    run_dir = require_not_entry(run_dir or latest_run(runs))
+    with lock_run_dir(run_dir):
+        summary = deploy(run_dir, bench=False if no_bench else None,
+                         trust_remote_code=trust_remote_code)  # fmt: skip
     click.echo(
         json.dumps({k: summary[k] for k in ("export", "benchmark") if k in summary}, indent=2)
     )
@@ -113,8 +141,10 @@ def bench_cmd(run_dir: Path, as_json: bool) -> None:
     """Re-run the student-vs-teacher latency benchmark of RUN_DIR."""
     from compressor.deploy.bench import format_table
     from compressor.deploy.stages import bench_run_dir
+    from compressor.rundir import lock_run_dir, require_not_entry
 
-    result = bench_run_dir(run_dir)
+    with lock_run_dir(require_not_entry(run_dir)):
+        result = bench_run_dir(run_dir)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -130,11 +160,15 @@ def recipe_group() -> None:
 @click.option("--probe", is_flag=True,
               help="Also time a few training micro-batches on the recipe's device (loads the"
                    " teacher) and print the predicted wall time.")  # fmt: skip
-def recipe_check_cmd(recipe: Path, overrides: tuple[str, ...], probe: bool) -> None:
-    """Validate RECIPE without loading weights; print its plan and budget (tokens, FLOPs)."""
+@allow_large_option
+def recipe_check_cmd(
+    recipe: Path, overrides: tuple[str, ...], probe: bool, allow_large: bool
+) -> None:
+    """Validate RECIPE without loading weights; print its plan and budget (tokens, FLOPs). A
+    recipe that needs more memory than this machine has is refused unless --allow-large."""
     from compressor.plan_report import plan_report
 
-    click.echo(plan_report(recipe, list(overrides)))
+    click.echo(plan_report(recipe, list(overrides), allow_large))
     if probe:
         from compressor.train.probe import wall_time_report
 

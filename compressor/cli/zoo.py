@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from compressor.errors import CheckFailed
+from compressor.rundir import MODEL_DIR
+from compressor.trust import code_in, printable
 from compressor.zoo import html_report, report
 from compressor.zoo import store as zoo
 
@@ -21,6 +23,13 @@ zoo_option = click.option(
     help="The zoo directory (default: $COMPRESS_ZOO, else ./zoo).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+trust_option = click.option(
+    "--trust-remote-code",
+    "trust_remote_code",
+    is_flag=True,
+    help="Allow code that came with the model (custom sentence-transformers modules, .py files"
+    " beside it) to be loaded, registered or shipped. Off by default: see docs/security.md.",
+)
 
 
 def _echo_json(data) -> None:
@@ -95,11 +104,18 @@ def rm_cmd(entry_id: str, zoo_dir: Path | None) -> None:
     ' encoders): loads with SentenceTransformer(DEST) and SentenceTransformer(DEST, backend="onnx").',
 )
 @zoo_option
-def export_cmd(entry_id: str, dest: Path, layout: str, zoo_dir: Path | None) -> None:
+@trust_option
+def export_cmd(
+    entry_id: str, dest: Path, layout: str, zoo_dir: Path | None, trust_remote_code: bool
+) -> None:
     """Copy the deployable bundle (ONNX model, tokenizer, config, model card, verification report,
-    benchmark) to a new or empty DEST."""
-    out = zoo.export_bundle(zoo.zoo_root(zoo_dir), entry_id, dest, layout)
-    click.echo(f"exported {entry_id} ({layout}) to {out}")
+    benchmark) to a new or empty DEST. Code in the entry is left out unless --trust-remote-code."""
+    out, left_out = zoo.export_bundle(
+        zoo.zoo_root(zoo_dir), entry_id, dest, layout, trust_remote_code
+    )
+    for rel in left_out:
+        click.echo(f"left out {printable(rel)}: code (ship it with --trust-remote-code)")
+    click.echo(f"exported {printable(entry_id)} ({layout}) to {out}")
 
 
 @zoo_group.command("compare")
@@ -123,18 +139,26 @@ def compare_cmd(entry_ids: tuple[str, ...], zoo_dir: Path | None, as_json: bool)
 def report_cmd(out: Path | None, zoo_dir: Path | None) -> None:
     """One self-contained HTML page: the leaderboard, quality vs latency with the Pareto front,
     each entry's discrepancy curve and model card. Needs no network to view."""
-    path, n = html_report.write_report(zoo.zoo_root(zoo_dir), out)
+    path, n, warnings = html_report.write_report(zoo.zoo_root(zoo_dir), out)
+    for warning in warnings:
+        click.echo(f"warning: {printable(warning)}", err=True)
     click.echo(f"wrote {path} ({n} entries)")
 
 
 @zoo_group.command("add")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @zoo_option
-def add_cmd(run_dir: Path, zoo_dir: Path | None) -> None:
-    """Register a finished, verified RUN_DIR (its recipe's gates are checked first)."""
+@trust_option
+def add_cmd(run_dir: Path, zoo_dir: Path | None, trust_remote_code: bool) -> None:
+    """Register a finished, verified RUN_DIR (its recipe's gates are checked first). A run that
+    holds code (custom sentence-transformers modules, .py files) is refused unless
+    --trust-remote-code."""
     from compressor.pipeline import register_run  # loads torch: only this command needs it
 
-    click.echo(f"registered in the zoo: {register_run(run_dir, zoo_dir)}")
+    entry_id = register_run(run_dir, zoo_dir, trust_remote_code=trust_remote_code)
+    click.echo(f"registered in the zoo: {entry_id}")
+    for line in code_in(run_dir, (MODEL_DIR,)) if trust_remote_code else []:
+        click.echo(f"warning: registered with code (--trust-remote-code): {printable(line)}")
 
 
 @zoo_group.command("reindex")

@@ -52,11 +52,16 @@ def load_reference(model_dir: Path, task: str) -> torch.nn.Module:
 
 
 def export_onnx(
-    model_dir: Path, out_dir: Path, int8: bool = False, optimize: bool = True
+    model_dir: Path,
+    out_dir: Path,
+    int8: bool = False,
+    optimize: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export `model_dir` to `out_dir/model.onnx` (+ tokenizer and config). `optimize` applies
     onnxruntime's BERT fusions (fused attention, skip-LayerNorm, bias-GELU); `int8` adds a
-    dynamic int8 model. The verification check covers whatever ends up in the files."""
+    dynamic int8 model. The verification check covers whatever ends up in the files. Custom
+    sentence-transformers modules are refused unless `trust_remote_code` (deploy/sentence.py)."""
     config = AutoConfig.from_pretrained(model_dir)
     architecture_for(config)  # a family the adapters know, or UnknownArchitecture now
     task = task_of(model_dir)
@@ -81,7 +86,9 @@ def export_onnx(
     report: dict[str, Any] = {"exporter": exporter, "task": task, "files": [ONNX_FILE]}
     if optimize:
         report["fused_ops"] = fuse_graph(out_dir / ONNX_FILE, config)
-    report["sentence_graph"] = export_sentence_graph(model_dir, out_dir / ONNX_FILE, task)
+    report["sentence_graph"] = export_sentence_graph(
+        model_dir, out_dir / ONNX_FILE, task, trust_remote_code
+    )
     if int8:
         quantize_int8(out_dir / ONNX_FILE, out_dir / INT8_FILE)
         report["files"].append(INT8_FILE)
@@ -89,7 +96,9 @@ def export_onnx(
     return report
 
 
-def export_sentence_graph(model_dir: Path, token_onnx: Path, task: str) -> dict[str, Any] | None:
+def export_sentence_graph(
+    model_dir: Path, token_onnx: Path, task: str, trust_remote_code: bool = False
+) -> dict[str, Any] | None:
     """The pooled graph of a sentence encoder, in `model_dir/onnx/model.onnx` (a stale one is
     removed first). None for other models; {"skipped": why} when its modules cannot be written as
     a graph (the token graph is exported and checked all the same)."""
@@ -98,7 +107,7 @@ def export_sentence_graph(model_dir: Path, token_onnx: Path, task: str) -> dict[
     if task != "feature-extraction" or not is_sentence_encoder(model_dir):
         return None
     try:
-        spec = sentence_spec(model_dir)
+        spec = sentence_spec(model_dir, trust_remote_code)
     except CheckFailed as err:
         return {"skipped": str(err)}
     write_sentence_graph(token_onnx, out, spec)

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from compressor.errors import CheckFailed
+from compressor.errors import CheckFailed, UntrustedInput
 from compressor.rundir import ST_MODULES_FILE
+from compressor.trust import TRUST_FLAG, custom_modules, inside
 
 POOLINGS = ("mean", "cls", "max")
 SENTENCE_OUTPUT = "sentence_embedding"
@@ -67,11 +68,20 @@ def is_sentence_encoder(model_dir: Path) -> bool:
     return (Path(model_dir) / ST_MODULES_FILE).is_file()
 
 
-def sentence_spec(model_dir: Path) -> SentenceSpec:
+def sentence_spec(model_dir: Path, trust_remote_code: bool = False) -> SentenceSpec:
     """Read modules.json and the Pooling config. Raises CheckFailed naming the module or the
     pooling mode this graph cannot express (anything but Transformer -> Pooling [-> Normalize]
-    with one of mean, cls, max)."""
+    with one of mean, cls, max), and UntrustedInput for a module that is not
+    sentence-transformers' own (its code would run when the model loads) unless
+    `trust_remote_code`, or a module path that leaves the model directory."""
     model_dir = Path(model_dir)
+    custom = custom_modules(model_dir)
+    if custom and not trust_remote_code:
+        raise UntrustedInput(
+            f"{model_dir / ST_MODULES_FILE}: custom module {', '.join(map(repr, custom))}: not"
+            " sentence-transformers' own, its code would run when the model loads; not loaded"
+            f" (if you trust its author: {TRUST_FLAG})"
+        )
     try:
         modules = json.loads((model_dir / ST_MODULES_FILE).read_text())
         kinds = [m["type"].rsplit(".", 1)[-1] for m in sorted(modules, key=lambda m: m["idx"])]
@@ -83,7 +93,12 @@ def sentence_spec(model_dir: Path) -> SentenceSpec:
             f"{model_dir / ST_MODULES_FILE}: modules {kinds}; the sentence-transformers graph"
             " supports Transformer -> Pooling [-> Normalize] only"
         )
-    pooling_file = model_dir / paths["Pooling"] / "config.json"
+    pooling = paths["Pooling"]
+    where = model_dir / ST_MODULES_FILE
+    pooling_file = (
+        inside(model_dir, pooling, str(where)) if pooling else model_dir
+    ) / "config.json"
+    inside(model_dir, pooling_file.relative_to(model_dir).as_posix(), str(where))
     try:
         config = json.loads(pooling_file.read_text())
     except (OSError, ValueError) as err:

@@ -27,20 +27,30 @@ from compressor.rundir import (
     SENTENCE_ONNX,
     VERIFY_FILE,
     read_summary,
+    require_not_entry,
     write_summary,
 )
 from compressor.shapes import Shape
 from compressor.teacher import Teacher, load_teacher, teacher_key
+from compressor.trust import require_no_code
 
 
-def deploy(run_dir: Path, teacher: Teacher | None = None, bench: bool | None = None) -> dict:
-    """Export -> verify (a gate) -> benchmark for a finished run; updates summary.json."""
-    run_dir = Path(run_dir)
+def deploy(
+    run_dir: Path,
+    teacher: Teacher | None = None,
+    bench: bool | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Export -> verify (a gate) -> benchmark for a finished run; updates summary.json. A model
+    holding code (custom sentence-transformers modules, .py files) is refused before anything
+    loads unless `trust_remote_code`."""
+    run_dir = require_not_entry(Path(run_dir))
+    require_no_code(run_dir / MODEL_DIR, trust_remote_code, "the model is exported")
     summary = read_summary(run_dir)
     recipe = load_run_recipe(run_dir)
     summary.benchmark = summary.export = None  # a failed export must not leave a success behind
     write_summary(run_dir, summary)
-    summary.export = export_and_verify(recipe, run_dir)
+    summary.export = export_and_verify(recipe, run_dir, trust_remote_code)
     if recipe.bench.enabled if bench is None else bench:
         result = bench_run(recipe, run_dir, teacher or load_teacher(recipe.teacher))
         summary.benchmark = bench_summary(result)
@@ -60,12 +70,15 @@ def bench_summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_and_verify(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+def export_and_verify(
+    recipe: Recipe, run_dir: Path, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Export the slim model, save samples + references, verify fp32 (and int8). Raises
     CheckFailed when any check fails; verify.json is written either way."""
     e = recipe.export
     onnx_dir = run_dir / ONNX_DIR
-    report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8, optimize=e.optimize)
+    report = export_onnx(run_dir / MODEL_DIR, onnx_dir, int8=e.int8, optimize=e.optimize,
+                         trust_remote_code=trust_remote_code)  # fmt: skip
     texts = json.loads((run_dir / HELDOUT_FILE).read_text())
     save_samples(onnx_dir, run_dir / MODEL_DIR, texts, e.batch_sizes, e.seq_lengths)
     return {**report, "verify": verify_onnx(recipe, run_dir, write=True)}
@@ -149,9 +162,10 @@ def bench_run(recipe: Recipe, run_dir: Path, teacher: Teacher) -> dict[str, Any]
 def bench_run_dir(run_dir: Path) -> dict[str, Any]:
     """Re-run the latency benchmark of a finished, exported run (`compress bench`); summary.json
     follows, so the zoo never pairs a new benchmark with an old noise flag."""
+    run_dir = require_not_entry(Path(run_dir))
     recipe = load_run_recipe(run_dir)
     summary = read_summary(run_dir)
-    result = bench_run(recipe, Path(run_dir), load_teacher(recipe.teacher))
+    result = bench_run(recipe, run_dir, load_teacher(recipe.teacher))
     summary.benchmark = bench_summary(result)
     write_summary(run_dir, summary)
     return result

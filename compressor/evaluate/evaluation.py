@@ -23,7 +23,15 @@ from compressor.evaluate.downstream import evaluate_encoder, task_metric
 from compressor.evaluate.settings import EvalSettings
 from compressor.evaluate.tasks import RetrievalTask, load_task
 from compressor.recipe import load_run_recipe
-from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, read_json, write_json_atomic
+from compressor.rundir import (
+    MODEL_DIR,
+    evals_path,
+    is_run_dir,
+    lock_run_dir,
+    read_json,
+    require_not_entry,
+    write_json_atomic,
+)
 from compressor.teacher import Teacher, load_teacher, teacher_key
 from compressor.zoo import store as zoo_store
 
@@ -46,6 +54,15 @@ def evaluate_target(
         entry_id = zoo_store.resolve(root, target)
         zoo_store.check_recordable(root, entry_id)  # before the (long) evaluation, not after
         run_dir = zoo_store.entry_dir(root, entry_id)
+        return _evaluate_all(run_dir, entry_id, root, tasks, settings, seeds, with_teacher,
+                             columns, on_record)  # fmt: skip
+    with lock_run_dir(require_not_entry(run_dir)):
+        return _evaluate_all(run_dir, None, root, tasks, settings, seeds, with_teacher, columns,
+                             on_record)  # fmt: skip
+
+
+def _evaluate_all(run_dir, entry_id, root, tasks, settings, seeds, with_teacher, columns,
+                  on_record) -> tuple[list[dict], str]:  # fmt: skip
     records = []
     for task in tasks:
         record = evaluate_dir(run_dir, task, settings, seeds, with_teacher=with_teacher,

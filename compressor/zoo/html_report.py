@@ -21,6 +21,7 @@ differs between entries; the in-run speedup in the table compares like with like
 from __future__ import annotations
 
 import html
+import json
 import os
 import statistics
 import time
@@ -29,16 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import ZooError
-from compressor.metrics import read_metrics
+from compressor.errors import CompressError, ZooError
+from compressor.run_files import (
+    benchmark_problems,
+    evaluations_problems,
+    metrics_problems,
+    summary_problems,
+)
 from compressor.rundir import (
     BENCH_FILE,
     CARD_FILE,
+    EVALS_FILE,
     METRICS_FILE,
+    SUMMARY_FILE,
     ZOO_REPORT_DIR,
     ZOO_REPORT_FILE,
-    read_json,
+    require_not_entry,
 )
+from compressor.trust import read_text_inside
 from compressor.zoo import report_plots
 from compressor.zoo import store as zoo
 from compressor.zoo.pareto import finite, pareto_front
@@ -53,6 +62,7 @@ from compressor.zoo.report import (
 BenchPoint = tuple[str, int, int]  # (runtime, batch, sequence length)
 PLOT_RUNTIME = "onnxruntime"
 MISSING = "-"
+MAX_CURVES = 50  # discrepancy curves drawn (best ranked first): each is a PNG of ~50 kB, ~0.3 s
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -69,27 +79,45 @@ class ReportEntry:
 # ---------------------------------------------------------------------------- reading
 
 
-def collect(root: Path) -> list[ReportEntry]:
-    """Every entry of the zoo at `root`, with its benchmark, curve and card."""
-    entries = []
+def collect(root: Path) -> tuple[list[ReportEntry], list[str]]:
+    """Every entry of the zoo at `root` with its benchmark, curve and card, and one warning per
+    entry left out: an entry is untrusted input, so a malformed file or a link (which could point
+    anywhere on this machine) skips that entry, never the report."""
+    entries, warnings = [], []
     for row in zoo.list_entries(root):
-        d = zoo.entry_dir(root, row["id"])
         try:
-            metrics, card = d / METRICS_FILE, d / CARD_FILE
-            entries.append(
-                ReportEntry(
-                    row=row,
-                    latency=latencies(read_json(d / BENCH_FILE)),
-                    curve=read_metrics(metrics) if metrics.is_file() else [],
-                    card=card.read_text() if card.is_file() else "",
-                )
-            )
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ZooError(
-                f"{row['id']}: unreadable entry ({type(err).__name__}: {err}); check it with"
+            entries.append(read_entry(zoo.entry_dir(root, row["id"]), row))
+        except (CompressError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            why = str(err) if isinstance(err, CompressError) else f"{type(err).__name__}: {err}"
+            warnings.append(
+                f"{row['id']}: left out of the report ({why}); check it with"
                 f" `compress zoo verify {row['id']}`"
-            ) from err
-    return entries
+            )
+    return entries, warnings
+
+
+def read_entry(d: Path, row: dict[str, Any]) -> ReportEntry:
+    """One entry as the report needs it; its files are read only from inside `d`, never through
+    a link, and their types checked (run_files)."""
+    bench_text = read_text_inside(d, BENCH_FILE)
+    bench = json.loads(bench_text) if bench_text is not None else None
+    metrics_text = read_text_inside(d, METRICS_FILE)
+    problems = [f"{BENCH_FILE}: {p}" for p in benchmark_problems(bench, True)] if bench else []
+    if metrics_text is not None:
+        problems += [f"{METRICS_FILE}: {p}" for p in metrics_problems(metrics_text)]
+    problems += [f"{SUMMARY_FILE}: {p}" for p in summary_problems(row["summary"])]
+    problems += [
+        f"{EVALS_FILE}: {p}" for p in evaluations_problems({"evaluations": row["evaluations"]})
+    ]
+    if problems:
+        raise ZooError("malformed: " + "; ".join(problems[:3]))
+    curve = [json.loads(line) for line in (metrics_text or "").splitlines() if line.strip()]
+    return ReportEntry(
+        row=row,
+        latency=latencies(bench),
+        curve=curve,
+        card=read_text_inside(d, CARD_FILE) or "",
+    )
 
 
 def latencies(bench: dict[str, Any] | None) -> dict[BenchPoint, tuple[float, float]]:
@@ -192,7 +220,7 @@ def figures(entries: list[ReportEntry]) -> dict[str, str]:
             "similarity to the teacher (Spearman, held-out texts)",
         )
         out["plot"] = report_plots.data_uri(png)
-    for i, e in enumerate(entries, 1):
+    for i, e in enumerate(entries[:MAX_CURVES], 1):
         if any("discrepancy" in r for r in e.curve):
             png = report_plots.curve_png(e.curve, f"#{i} {e.row['id']}")
             out[e.row["id"]] = report_plots.data_uri(png)
@@ -304,11 +332,16 @@ def plot_section(entries: list[ReportEntry], images: dict[str, str]) -> str:
 
 def entry_section(i: int, e: ReportEntry, images: dict[str, str]) -> str:
     rid = e.row["id"]
-    curve = (
-        f'<img class="curve" src="{images[rid]}" alt="discrepancy curve of {esc(rid)}">'
-        if rid in images
-        else '<p class="note">no discrepancy curve recorded (metrics.jsonl)</p>'
-    )
+    if rid in images:
+        curve = f'<img class="curve" src="{images[rid]}" alt="discrepancy curve of {esc(rid)}">'
+    elif i > MAX_CURVES:
+        curve = (
+            f'<p class="note">curves are drawn for the first {MAX_CURVES} entries only (a large'
+            f" zoo stays a small page); see <code>compress zoo show {esc(rid)}</code></p>"
+        )
+    else:
+        curve = '<p class="note">no discrepancy curve recorded (metrics.jsonl)</p>'
+
     card = f"<pre>{esc(e.card)}</pre>" if e.card else '<p class="note">no model card</p>'
     return (
         f'<section class="entry" id="entry-{i}"><h3>#{i} <code>{esc(rid)}</code></h3>'
@@ -364,14 +397,18 @@ def default_out(root: Path) -> Path:
     return Path(root) / ZOO_REPORT_DIR
 
 
-def write_report(root: Path, out: Path | None = None) -> tuple[Path, int]:
+def write_report(root: Path, out: Path | None = None) -> tuple[Path, int, list[str]]:
     """Write <out>/index.html (default <zoo>/report/); returns (its path, the number of
-    entries). An empty zoo is refused (ZooError) and nothing is written."""
+    entries, a warning per entry left out). An empty zoo is refused (ZooError) and nothing is
+    written; so is an `out` inside a zoo entry (entries never change)."""
     root = Path(root)
-    entries = ranked(collect(root))
+    out = require_not_entry(Path(out) if out is not None else default_out(root), "a report folder")
+    found, warnings = collect(root)
+    entries = ranked(found)
     if not entries:
+        if warnings:
+            raise ZooError("no entry could be reported:\n  " + "\n  ".join(warnings))
         raise ZooError(empty_zoo_text(root) + "; nothing to report")
-    out = Path(out) if out is not None else default_out(root)
     if out.exists() and not out.is_dir():
         raise ZooError(f"{out}: exists and is not a directory; give a directory for --out")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -386,4 +423,4 @@ def write_report(root: Path, out: Path | None = None) -> tuple[Path, int]:
         raise ZooError(f"could not write the report to {out}: {zoo.fault_text(err)}") from err
     finally:
         tmp.unlink(missing_ok=True)
-    return path, len(entries)
+    return path, len(entries), warnings

@@ -109,21 +109,37 @@ def fault(root: Path, err: BaseException) -> ZooError:
     return ZooError(f"{path_of(root)}: could not use the zoo index: {what}")
 
 
-def connect(root: Path, timeout_s: float = 120.0) -> sqlite3.Connection:
+def read_only(root: Path) -> bool:
+    """Whether this process cannot write the zoo's index or its folder (a read-only zoo: a
+    shared mount, another user's zoo, a read-only file system)."""
+    path = path_of(root)
+    return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK))
+
+
+def connect(root: Path, timeout_s: float = 120.0, write: bool = True) -> sqlite3.Connection:
     """Open the existing index of the zoo at `root` (never creates one: see `create`);
-    autocommit mode, transactions are explicit. Raises ZooError for a missing or damaged index."""
+    autocommit mode, transactions are explicit. Raises ZooError for a missing or damaged index.
+    A reader (`write` false) of a zoo it cannot write opens the file read-only and immutable
+    (SQLite's WAL needs a writable folder otherwise), so a read-only zoo can be listed, shown,
+    verified and reported."""
     path = path_of(root)
     if not path.exists():
         raise ZooError(f"{path}: the zoo index is missing; rebuild it with `compress zoo reindex`")
+    mode = "mode=rw"
+    if not write and read_only(root):
+        mode = "mode=ro&immutable=1"
+    elif write and read_only(root):
+        raise ZooError(f"{path}: the zoo is read-only for this user; nothing was changed")
     try:
         conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None
+            f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=timeout_s, isolation_level=None
         )
     except sqlite3.Error as err:
         raise fault(root, err) from err
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        conn.execute("PRAGMA synchronous = FULL")
+        if mode == "mode=rw":
+            conn.execute("PRAGMA synchronous = FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         if version != SCHEMA_VERSION or ("entries",) not in tables:
@@ -207,7 +223,7 @@ def write_transaction(root: Path) -> Iterator[sqlite3.Connection]:
 
 @contextmanager
 def reader(root: Path) -> Iterator[sqlite3.Connection]:
-    conn = connect(root)
+    conn = connect(root, write=False)
     try:
         yield conn
     except sqlite3.Error as err:

@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from compressor.deploy.bench import format_table as format_bench_table
+from compressor.trust import printable, printable_tree
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -46,6 +47,8 @@ LIST_HEADERS = ["id", "teacher", "shape", "params", "size", "speedup", "quality"
 
 
 def list_table(rows: list[dict[str, Any]]) -> str:
+    """Text from entries reaches the terminal escaped (trust.printable): no forged rows."""
+    rows = printable_tree(rows)
     body = [
         [
             r["id"],
@@ -76,6 +79,7 @@ def _eval_text(e: dict | None) -> str:
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Entries side by side: one column per entry, one line per field."""
+    rows = printable_tree(rows)
     fields = [
         ("id", lambda r: r["id"]),
         ("teacher", lambda r: f"{r['teacher']} ({r['teacher_shape']})"),
@@ -103,6 +107,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 
 def show_text(e: dict[str, Any]) -> str:
+    e = printable_tree(e)
     verified = (e["verify"] or {}).get("passed")
     lines = [
         f"id          {e['id']}",
@@ -131,7 +136,11 @@ def show_text(e: dict[str, Any]) -> str:
         table = format_table(["task", "mode", "metric", "student", "seeds", "created"], body)
         lines += ["", "evaluations", table]
     if e["benchmark"]:
-        lines += ["", "benchmark", format_bench_table(e["benchmark"])]
+        try:
+            table = format_bench_table(e["benchmark"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            table = f"malformed benchmark.json ({type(err).__name__}: {err})"
+        lines += ["", "benchmark", table]
     if e["recipe_resolved"]:
         lines += [
             "",
@@ -170,5 +179,15 @@ def verify_text(report: dict[str, Any]) -> str:
             for m, v in models.items()
             if v.get("max_abs_diff") is not None
         )
-        return f"{report['id']}: ok (every file matches its sha256; ONNX check passed: {checks})"
-    return f"{report['id']}: FAILED\n" + "\n".join(f"  - {p}" for p in report["problems"])
+        text = f"{report['id']}: ok (every file matches its sha256; ONNX check passed: {checks})"
+    else:
+        text = f"{report['id']}: FAILED\n" + "\n".join(
+            f"  - {printable(p)}" for p in report["problems"]
+        )
+    if report.get("code"):
+        text += (
+            "\n  warning: holds code that runs wherever the model loads (registered with"
+            " --trust-remote-code; trust it only if you trust its author):\n"
+            + "\n".join(f"    {printable(c)}" for c in report["code"])
+        )
+    return text

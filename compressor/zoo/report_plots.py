@@ -43,11 +43,19 @@ def quality_latency_png(
     ax.scatter([p[1] for p in best], [p[2] for p in best], color="tab:red", s=60,
                edgecolors="black", zorder=3, label="Pareto front")  # fmt: skip
     for label, x, y in points:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9,
+                    parse_math=False)  # fmt: skip
     for k, (label, x) in enumerate(teachers):
         ax.scatter([x], [1.0], marker="*", s=180, color="tab:blue", zorder=3,
                    label=None if k else "teacher")  # fmt: skip
-        ax.annotate(label, (x, 1.0), textcoords="offset points", xytext=(6, -12), fontsize=9)
+        ax.annotate(
+            label,
+            (x, 1.0),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize=9,
+            parse_math=False,
+        )  # teacher names are entry text, not mathtext
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -29,17 +29,19 @@ were there stay as they were.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
 from compressor.deploy.signature import onnx_signature
-from compressor.errors import CheckFailed, RunDirError, ZooError
+from compressor.errors import CheckFailed, RunDirError, UntrustedInput, ZooError
+from compressor.run_files import check_run_files
 from compressor.rundir import (
     BENCH_FILE,
     CARD_FILE,
@@ -60,6 +62,17 @@ from compressor.rundir import (
     evals_path,
     read_json,
     write_json_atomic,
+)
+from compressor.trust import (
+    TRUST_FLAG,
+    code_in,
+    custom_modules,
+    first_link,
+    inside,
+    is_code_file,
+    links_under,
+    read_text_inside,
+    require_no_code,
 )
 from compressor.zoo import index as zoo_index
 from compressor.zoo.card import model_card
@@ -154,7 +167,13 @@ def fault_text(err: BaseException) -> str:
 
 
 def _entry_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in (root / ENTRIES).glob("/".join(["*"] * ID_SEGMENTS)) if p.is_dir())
+    """Entry folders on disk (a link is never one: it could point anywhere on this machine)."""
+    base = root / ENTRIES
+    return sorted(
+        p
+        for p in base.glob("/".join(["*"] * ID_SEGMENTS))
+        if p.is_dir() and first_link(base, PurePosixPath(p.relative_to(base).as_posix())) is None
+    )
 
 
 def _now() -> str:
@@ -201,21 +220,36 @@ def _seal(root: Path) -> None:
 # ---------------------------------------------------------------------------- register
 
 
-def check_registrable(run_dir: Path) -> None:
+def check_registrable(run_dir: Path, trust_remote_code: bool = False) -> None:
+    """A finished, exported, verified run with well-typed files, no link (the entry would copy
+    what it points at) and, unless `trust_remote_code`, no code that would run where it loads."""
     missing = [n for n in RUN_FILES if not (run_dir / n).exists()]
     if missing or not (run_dir / ONNX_MODEL).exists():
         raise RunDirError(
             f"{run_dir}: not a finished, exported run (missing: {', '.join(missing or [ONNX_MODEL])})"
         )
+    links = [n for n in RUN_FILES + OPTIONAL_RUN_FILES if (run_dir / n).is_symlink()]
+    links += [
+        f"{n}/{rel}" for n in (MODEL_DIR, ONNX_DIR) if (run_dir / n).is_dir()
+        for rel in links_under(run_dir / n)
+    ]  # fmt: skip
+    if links:
+        raise UntrustedInput(
+            f"{run_dir}: {', '.join(links[:5])}: a symbolic link; the zoo copies files, never"
+            " what a link points at (replace it with the file itself); not registered"
+        )
+    check_run_files(run_dir)
+    require_no_code(run_dir, trust_remote_code, "the model is registered and loaded", (MODEL_DIR,))
     if read_json(run_dir / VERIFY_FILE).get("passed") is not True:
         raise CheckFailed(f"{run_dir}: ONNX verification did not pass; not registered")
 
 
-def register(run_dir: Path, root: Path) -> str:
+def register(run_dir: Path, root: Path, trust_remote_code: bool = False) -> str:
     """Register a finished, verified run; returns its id. Idempotent: the same run gives the same
-    id, and registering it again returns the existing entry."""
+    id, and registering it again returns the existing entry. A run holding code is refused
+    unless `trust_remote_code` (docs/security.md)."""
     run_dir, root = Path(run_dir), Path(root)
-    check_registrable(run_dir)
+    check_registrable(run_dir, trust_remote_code)
     staging = None
     try:
         clean_staging(root)
@@ -244,7 +278,7 @@ def _copy_run(run_dir: Path, staging: Path) -> None:
     for name in RUN_FILES + OPTIONAL_RUN_FILES:
         src = run_dir / name
         if src.is_dir():
-            shutil.copytree(src, staging / name, copy_function=shutil.copyfile)
+            shutil.copytree(src, staging / name, symlinks=True, copy_function=shutil.copyfile)
         elif src.is_file():
             shutil.copyfile(src, staging / name)
     if not evals_path(staging).exists():
@@ -333,15 +367,27 @@ def show(root: Path, text: str) -> dict[str, Any]:
     environment and its directory."""
     row = get_entry(root, text)
     d = entry_dir(root, row["id"])
-    recipe = d / RECIPE_FILE
-    return {
-        **row,
-        "dir": str(d),
-        "recipe_resolved": yaml.safe_load(recipe.read_text()) if recipe.exists() else None,
-        "benchmark": read_json(d / BENCH_FILE),
-        "verify": read_json(d / VERIFY_FILE),
-        "environment": read_json(d / ENV_FILE),
-    }
+    try:
+        recipe = read_text_inside(d, RECIPE_FILE)
+        return {
+            **row,
+            "dir": str(d),
+            "recipe_resolved": yaml.safe_load(recipe) if recipe is not None else None,
+            "benchmark": _entry_json(d, BENCH_FILE),
+            "verify": _entry_json(d, VERIFY_FILE),
+            "environment": _entry_json(d, ENV_FILE),
+        }
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ZooError(
+            f"{row['id']}: unreadable entry ({type(err).__name__}: {err}); check it with"
+            f" `compress zoo verify {row['id']}`"
+        ) from err
+
+
+def _entry_json(d: Path, name: str) -> Any:
+    """A JSON file of an entry (None when absent), read only from inside it, never via a link."""
+    text = read_text_inside(d, name)
+    return json.loads(text) if text is not None else None
 
 
 def compare(root: Path, texts: list[str]) -> list[dict[str, Any]]:
@@ -360,7 +406,12 @@ def verify(root: Path, text: str) -> dict[str, Any]:
     onnx = onnx_check(d)
     if not onnx["passed"]:
         problems.append(f"ONNX check: {onnx['error']}")
-    return {"id": row["id"], "passed": not problems, "problems": problems, "onnx": onnx}
+    try:
+        code = code_in(d, (MODEL_DIR,))
+    except UntrustedInput as err:
+        code = [str(err)]
+    return {"id": row["id"], "passed": not problems, "problems": problems, "onnx": onnx,
+            "code": code}  # fmt: skip
 
 
 def file_problems(d: Path, entry_id: str, recorded: dict[str, dict]) -> list[str]:
@@ -387,6 +438,11 @@ def file_problems(d: Path, entry_id: str, recorded: dict[str, dict]) -> list[str
         actual = file_table(d)
     except FileNotFoundError:
         return [f"{d}: the entry directory vanished while being checked (removed?)"]
+    for path in recorded:
+        try:
+            inside(d, path, MANIFEST_FILE)
+        except UntrustedInput as err:
+            problems.append(str(err))
     for path, want in recorded.items():
         got = actual.get(path)
         if got is None:
@@ -500,20 +556,31 @@ def _prune_empty_parents(path: Path, stop: Path) -> None:
             break
 
 
-def export_bundle(root: Path, text: str, dest: Path, layout: str = "onnx") -> Path:
+def export_bundle(
+    root: Path, text: str, dest: Path, layout: str = "onnx", trust_remote_code: bool = False
+) -> tuple[Path, list[str]]:
     """Copy a deployable bundle to a new or empty DEST, checking every copied file against its
     recorded sha256, with a manifest of the files and of each ONNX file's opset and io ports.
+    Returns DEST and the files left out (code, unless `trust_remote_code`).
 
     `onnx`: the onnx/ contents (loads with ORTModelForFeatureExtraction / ORTModelForMaskedLM);
     `sentence-transformers`: the model/ contents of a sentence encoder, whose onnx/model.onnx is
     the pooled graph (loads with SentenceTransformer(DEST) and SentenceTransformer(DEST,
-    backend="onnx")). Both add the model card, verify.json and benchmark.json."""
+    backend="onnx")). Both add the model card, verify.json and benchmark.json.
+
+    The entry is untrusted input: every manifest path must stay inside the entry (and its bundle
+    name inside DEST) with no link on the way, or nothing is written. Code (importable files,
+    custom sentence-transformers modules) is not shipped unless `trust_remote_code`."""
     if layout not in BUNDLE_FORMATS:
         raise ZooError(f"unknown bundle format {layout!r}; one of {', '.join(BUNDLE_FORMATS)}")
     row, dest = get_entry(root, text), Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ZooError(f"{dest}: exists and is not empty; give a new or empty directory")
     recorded = row["files"]
+    src = entry_dir(root, row["id"])
+    what = f"entry {row['id']}, {MANIFEST_FILE}"
+    for rel in recorded:
+        inside(src, rel, what)
     if layout == "sentence-transformers":
         if SENTENCE_ONNX not in recorded:
             raise ZooError(
@@ -522,19 +589,29 @@ def export_bundle(root: Path, text: str, dest: Path, layout: str = "onnx") -> Pa
                 " (re-export the run with `compress export --onnx RUN_DIR`, then register it);"
                 f" `compress zoo export {row['id']} DEST` writes the ONNX bundle"
             )
+        custom = custom_modules(src / MODEL_DIR)
+        if custom and not trust_remote_code:
+            raise UntrustedInput(
+                f"{row['id']}: its sentence-transformers modules include custom code"
+                f" ({', '.join(map(repr, custom))}) that would run wherever the bundle loads;"
+                f" not exported (if you trust its author: {TRUST_FLAG})"
+            )
         prefix = f"{MODEL_DIR}/"
     else:
         prefix = f"{ONNX_DIR}/"
     plan = {p.removeprefix(prefix): p for p in recorded if p.startswith(prefix)}
     plan |= {p: p for p in BUNDLE_EXTRAS if p in recorded}
-    src = entry_dir(root, row["id"])
+    left_out = [] if trust_remote_code else sorted(r for r in plan.values() if is_code_file(r))
+    plan = {name: rel for name, rel in plan.items() if rel not in left_out}
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for name in plan:
+        inside(tmp, name, what)
     try:
         for name, rel in plan.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             if not (src / rel).is_file():
                 raise CheckFailed(f"{rel}: missing from entry {row['id']}; not exported")
-            shutil.copyfile(src / rel, tmp / name)
+            shutil.copyfile(inside(src, rel, what), tmp / name, follow_symlinks=False)
             if sha256_file(tmp / name) != recorded[rel]["sha256"]:
                 raise CheckFailed(
                     f"{rel}: modified since registration; not exported (compress zoo verify {row['id']})"
@@ -553,7 +630,7 @@ def export_bundle(root: Path, text: str, dest: Path, layout: str = "onnx") -> Pa
         ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return dest, left_out
 
 
 def record_evaluation(root: Path, entry_id: str, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -709,6 +786,9 @@ def _reindexed_row(
 ) -> tuple[dict[str, Any] | None, str]:
     """(the row to index, a note) for one entry directory, or (None, why it is skipped)."""
     rel = d.relative_to(root / ENTRIES).as_posix()
+    links = links_under(d)
+    if links:
+        return None, f"{rel}: holds a symbolic link ({links[0]}); entries hold files only"
     try:
         row = entry_row(d)
         manifest = read_json(d / MANIFEST_FILE)
