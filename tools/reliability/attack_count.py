@@ -1,8 +1,8 @@
 """Count the attack cases of tests/reliability/test_untrusted.py that `compress` withstands, on
 this checkout or (`--at REV`) on an older commit, for issue 24's before/after count.
 
-    python tools/attack_count.py               # this checkout
-    python tools/attack_count.py --at e113121  # the same cases against an older commit
+    python tools/reliability/attack_count.py               # this checkout
+    python tools/reliability/attack_count.py --at e113121  # the same cases against an older commit
 
 Every test of the module is one case; tests named `test_control_*` are controls (what must still
 work), reported apart. With `--at`, the module is copied into a temporary git worktree of REV and
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULE = "tests/reliability/test_untrusted.py"
 UNSAFE_BEFORE = ("test_a_run_that_needs_more_memory_than_the_machine_starts_nothing",)
 
