@@ -23,9 +23,9 @@ from tests.conftest import PACKAGED
 # between machines, narrow enough that a changed builder, evaluator or pooling shows. Chance
 # levels: 0.5 accuracy (2 classes), 0.33 (3 classes), 0.5 AP for balanced pairs.
 TEACHER = {
-    "MovieSentimentClassification": 0.677,
-    "DebatePartyClassification": 0.565,
-    "MoviePlotRetrieval": 0.175,
+    "MovieSentimentClassification": 0.651,
+    "DebatePartyClassification": 0.557,
+    "MoviePlotRetrieval": 0.228,
     "WordNetDefinitionRetrieval": 0.576,
     "MovieReviewClustering": 0.273,
     "WordNetTopicClustering": 0.471,
