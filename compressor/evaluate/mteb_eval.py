@@ -155,7 +155,11 @@ def load(task, name: str, source: str) -> None:
 def run_task(model, task) -> tuple[float, dict[str, float], float]:
     """(main score, every score, seconds) of `model` on a loaded task, by mteb's evaluator."""
     import mteb
+    from mteb._set_seed import _set_seed
 
+    # mteb's samplers (clustering's subsets, classification's undersampling) draw from the task's
+    # own generators: reseed them so that every encoder is scored on the same samples
+    task.rng_state, task.np_rng = _set_seed(task.seed)
     start = time.perf_counter()
     result = mteb.evaluate(model, task, cache=None, show_progress_bar=False,
                            encode_kwargs={"batch_size": 32})  # fmt: skip
@@ -168,7 +172,7 @@ def cached_teacher(teacher, teacher_id: str, task, revision: str) -> dict[str, A
     import mteb
 
     key = json.dumps([teacher_id, task.metadata.name, task.metadata.type, revision,
-                      mteb.__version__])  # fmt: skip
+                      mteb.__version__, "reseeded"])  # fmt: skip
     path = cache_root() / "mteb" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())
