@@ -95,6 +95,7 @@ ORCHESTRATION = ("compressor.cli", "compressor.baselines", "compressor.pipeline"
 TOOL_AREAS = ("compressor.prune", "compressor.deploy", "compressor.zoo", "compressor.evaluate")
 NEVER_IMPORTS = {
     **{area: ORCHESTRATION for area in TOOL_AREAS},
+    "compressor.zoo": (*ORCHESTRATION, "compressor.evaluate"),  # evaluate records into the zoo
     "compressor.prune": (
         *ORCHESTRATION,
         *TOOL_AREAS,

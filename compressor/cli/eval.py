@@ -54,8 +54,16 @@ def settings_from(probe, epochs, lr, max_length, max_train, max_eval) -> EvalSet
     "--task",
     "tasks",
     multiple=True,
-    required=True,
     help="wiki_topics, rotten_tomatoes, glue/<name>, or a .csv/.jsonl file. Repeatable.",
+)
+@click.option(
+    "--mteb",
+    "mteb_tasks",
+    multiple=True,
+    metavar="TASK",
+    help="Run TASK through mteb (its evaluators and main scores): 'offline' (the whole offline"
+    " suite), an offline task name, an mteb hub task name (e.g. STSBenchmark; needs the hub), or"
+    " a folder in the BEIR / classification / pair / STS layout (docs/evaluation.md). Repeatable.",
 )
 @click.option(
     "--seeds",
@@ -77,11 +85,19 @@ def settings_from(probe, epochs, lr, max_length, max_train, max_eval) -> EvalSet
     help="Zoo location when TARGET is a zoo id (default: $COMPRESS_ZOO or ./zoo).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")  # fmt: skip
-def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max_eval,
-             text_column, pair_column, label_column, no_teacher, zoo_dir, as_json) -> None:  # fmt: skip
+def eval_cmd(target, tasks, mteb_tasks, seeds, probe, epochs, lr, max_length, max_train,
+             max_eval, text_column, pair_column, label_column, no_teacher, zoo_dir,
+             as_json) -> None:  # fmt: skip
     """Fine-tune (or linear-probe) the student of TARGET on each task and report test accuracy,
-    the teacher's beside it. TARGET is a run directory or a zoo id. Results go into the run's
-    evaluations.json, or into the zoo entry (and show in `compress zoo list/compare`)."""
+    the teacher's beside it; or, with --mteb, score student and teacher on MTEB-protocol tasks
+    with the student's retention of the teacher's main score. TARGET is a run directory or a zoo
+    id. Results go into the run's evaluations.json, or into the zoo entry (and show in `compress
+    zoo show/compare/report` and the model card)."""
+    if bool(tasks) == bool(mteb_tasks):
+        raise click.UsageError("give --task or --mteb (one of them, at least one task)")
+    if mteb_tasks:
+        run_mteb(target, list(mteb_tasks), not no_teacher, zoo_dir, as_json)
+        return
     from compressor.evaluate.evaluation import evaluate_target, format_record
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
@@ -91,6 +107,24 @@ def eval_cmd(target, tasks, seeds, probe, epochs, lr, max_length, max_train, max
                                      zoo_dir, columns, on_record=show)  # fmt: skip
     if as_json:
         click.echo(json.dumps(records, indent=2))
+    click.echo(f"recorded in {where}", err=True)
+
+
+def run_mteb(target: str, names: list[str], with_teacher: bool, zoo_dir, as_json: bool) -> None:
+    from compressor.evaluate.mteb_eval import (
+        category_summary,
+        evaluate_mteb_target,
+        format_record,
+        format_summary,
+        json_view,
+    )
+
+    show = None if as_json else (lambda record: click.echo(format_record(record)))
+    records, where = evaluate_mteb_target(target, names, with_teacher, zoo_dir, on_record=show)
+    if as_json:
+        click.echo(json.dumps(json_view(records), indent=2))
+    else:
+        click.echo(format_summary(category_summary(records)))
     click.echo(f"recorded in {where}", err=True)
 
 

@@ -137,6 +137,8 @@ def evaluation_of(run_dir: Path, task: str, settings: EvalSettings) -> dict | No
     """A recorded evaluation of `task` (with its teacher's numbers) made with every setting its
     result depends on."""
     for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
+        if r.get("mode") == "mteb":  # `compress eval --mteb`: not a fine-tuning/probe result
+            continue
         retrieval = "documents" in r["splits"]
         used = EvalSettings(**r["settings"]).used(retrieval)
         if r["task"] == task and "teacher" in r and used == settings.used(retrieval):

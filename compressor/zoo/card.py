@@ -15,6 +15,7 @@ import yaml
 
 from compressor.deploy.bench import fp32_result
 from compressor.rundir import ONNX_FILE
+from compressor.zoo.mteb_scores import category_summary, is_mteb, latest
 
 TAGS = ["homodistil", "distillation", "pruning", "onnx"]
 SENTENCE_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity"]
@@ -24,11 +25,78 @@ DISCREPANCY = {
 }
 
 
+def mteb_result(e: dict) -> dict[str, Any]:
+    """A `compress eval --mteb` record as the hub's model-index reads MTEB results: the task
+    type, the dataset (name, path, split, revision) and the main score, with the student's
+    retention of the teacher's main score beside it."""
+    metrics = [
+        {"type": e["metric"], "value": e["student"]["mean"], "name": f"{e['metric']} (MTEB)"}
+    ]
+    if e.get("retention") is not None:
+        metrics.append(
+            {"type": "teacher_retention", "value": round(e["retention"], 2),
+             "name": f"% of the teacher's {e['metric']}"}
+        )  # fmt: skip
+    settings = e.get("settings", {})
+    return {
+        "task": {"type": e["task_type"]},
+        "dataset": {
+            "name": f"MTEB {e['task']}",
+            "type": settings.get("dataset", e["task"]),
+            "config": "default",
+            "split": settings.get("split", "test"),
+            "revision": settings.get("revision", ""),
+        },
+        "metrics": metrics,
+    }
+
+
+def mteb_lines(evaluations: list[dict]) -> list[str]:
+    """The card's MTEB section: each task's main score, teacher beside, retention in percent,
+    then the category averages."""
+    records = latest(evaluations)
+    if not records:
+        return []
+    lines = [
+        "",
+        "## MTEB protocol",
+        "",
+        "Scored by mteb's own evaluators (`compress eval --mteb`); retention is the student's main"
+        " score as a percentage of the teacher's.",
+        "",
+        "| task | category | main score | teacher | student | retention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in records:
+        t, k = (e.get("teacher") or {}).get("mean"), e.get("retention")
+        lines.append(
+            f"| {e['task']} | {e['category']} | {e['metric']} | {_num(t)} |"
+            f" {e['student']['mean']:.4f} | {_pct(k)} |"
+        )
+    lines += ["", "| category | tasks | teacher | student | retention |", "|---|---|---|---|---|"]
+    for c in category_summary(records):
+        lines.append(
+            f"| {c['category']} | {c['tasks']} | {_num(c['teacher'])} | {c['student']:.4f} |"
+            f" {_pct(c['retention'])} |"
+        )
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}%"
+
+
 def model_index(
     entry_id: str, task: str, evaluations: list[dict], summary: dict
 ) -> list[dict[str, Any]]:
-    """model-index results: one per evaluation, else the held-out discrepancy."""
-    results = [
+    """model-index results: one per evaluation (the latest per MTEB task), else the held-out
+    discrepancy."""
+    results = [mteb_result(e) for e in latest(evaluations)]
+    results += [
         {
             "task": {
                 "type": e.get("task_type", "text-classification"),
@@ -44,6 +112,7 @@ def model_index(
             ],
         }
         for e in evaluations
+        if not is_mteb(e)
     ]
     final = summary.get("discrepancy", {}).get("final")
     if not results and final is not None:
@@ -114,6 +183,8 @@ def model_card(
             f" {headline['speedup_p50']:.2f}x{noisy} |"
         )
     for e in evaluations:
+        if is_mteb(e):
+            continue
         teacher = (e.get("teacher") or {}).get("mean")
         t_text = f"{teacher:.4f}" if teacher is not None else "-"
         lines.append(
@@ -135,6 +206,7 @@ def model_card(
         lines.append(
             f"| ONNX vs PyTorch max abs diff (verified) | | {verify.get('max_abs_diff', 0):.2g} |"
         )
+    lines += mteb_lines(evaluations)
     lines += ["", "## Use", ""]
     if library == "sentence-transformers":
         lines += [

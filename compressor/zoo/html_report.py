@@ -50,6 +50,7 @@ from compressor.rundir import (
 from compressor.trust import read_text_inside
 from compressor.zoo import report_plots
 from compressor.zoo import store as zoo
+from compressor.zoo.mteb_scores import category_summary
 from compressor.zoo.pareto import finite, pareto_front
 from compressor.zoo.report import (
     benchmark_noisy,
@@ -243,7 +244,23 @@ def _eval_cell(e: dict[str, Any] | None) -> str:
         return MISSING
     student = (e.get("student") or {}).get("mean")
     teacher = (e.get("teacher") or {}).get("mean")
-    return f"{num(student)}<br><small>teacher {num(teacher)}</small>"
+    kept = e.get("retention")
+    kept_text = f", {num(kept, '.1f')}%" if kept is not None else ""
+    return f"{num(student)}<br><small>teacher {num(teacher)}{kept_text}</small>"
+
+
+def mteb_categories(entries: list[ReportEntry]) -> list[str]:
+    """The MTEB categories any entry was scored on ("average" last)."""
+    names = {c["category"] for e in entries for c in category_summary(e.row["evaluations"])}
+    return sorted(names - {"average"}) + (["average"] if "average" in names else [])
+
+
+def _category_cell(row: dict[str, Any], name: str) -> str:
+    found = [c for c in category_summary(row["evaluations"]) if c["category"] == name]
+    if not found:
+        return MISSING
+    c = found[0]
+    return f"{num(c['retention'], '.1f')}%<br><small>{c['tasks']} tasks</small>"
 
 
 def _latency_cell(ms: tuple[float, float] | None) -> str:
@@ -256,6 +273,7 @@ def leaderboard(
     entries: list[ReportEntry], points: list[BenchPoint], evals: list[str], front: set[str]
 ) -> str:
     """The table: one row per entry, in the order given (its rank)."""
+    categories = mteb_categories(entries)
     heads = [
         ("#", "rank: best similarity to the teacher first"),
         ("entry", "zoo id (links to its curve and model card)"),
@@ -269,7 +287,11 @@ def leaderboard(
         ("similarity", "to the teacher: Spearman of pairwise cosine similarities (teacher 1)"),
         ("top-1", "teacher's nearest neighbour is the student's (teacher 1)"),
         ("discrepancy", "final held-out discrepancy (teacher 0)"),
-        *((esc(k), "downstream evaluation, teacher below") for k in evals),
+        *((esc(k), "downstream evaluation, teacher below (and retention)") for k in evals),
+        *(
+            (f"MTEB {esc(c)}", "mean teacher retention (percent) over the category's tasks")
+            for c in categories
+        ),
         ("Pareto", "on the quality-vs-latency Pareto front"),
         ("created", "registered"),
     ]
@@ -292,6 +314,7 @@ def leaderboard(
             num(quality(r, "neighbour_top1")),
             num(r["discrepancy"], ".4g"),
             *(_eval_cell(ev.get(k)) for k in evals),
+            *(_category_cell(r, c) for c in categories),
             "&#9733;" if r["id"] in front else "",
             esc(r["created"]),
         ]

@@ -8,6 +8,7 @@ import yaml
 
 from compressor.deploy.bench import format_table as format_bench_table
 from compressor.trust import printable, printable_tree
+from compressor.zoo.mteb_scores import category_summary
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -128,13 +129,28 @@ def show_text(e: dict[str, Any]) -> str:
                 x.get("mode", "-"),
                 x["metric"],
                 _eval_text(x),
+                "-" if x.get("retention") is None else f"{x['retention']:.1f}%",
                 str(len(x.get("seeds", []))),
                 x.get("created", "-"),
             ]
             for x in e["evaluations"]
         ]
-        table = format_table(["task", "mode", "metric", "student", "seeds", "created"], body)
-        lines += ["", "evaluations", table]
+        heads = ["task", "mode", "metric", "student", "retention", "seeds", "created"]
+        lines += ["", "evaluations", format_table(heads, body)]
+        categories = category_summary(e["evaluations"])
+        if categories:
+            rows = [
+                [
+                    c["category"],
+                    str(c["tasks"]),
+                    f"{c['student']:.4f}",
+                    "-" if c["teacher"] is None else f"{c['teacher']:.4f}",
+                    "-" if c["retention"] is None else f"{c['retention']:.1f}%",
+                ]
+                for c in categories
+            ]
+            heads = ["category", "tasks", "student", "teacher", "retention"]
+            lines += ["", "MTEB protocol (latest per task)", format_table(heads, rows)]
     if e["benchmark"]:
         try:
             table = format_bench_table(e["benchmark"])
