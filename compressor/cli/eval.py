@@ -132,7 +132,7 @@ def run_mteb(target: str, names: list[str], with_teacher: bool, zoo_dir, as_json
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--baselines",
-    default="slice,one_shot,distilbert,random",
+    default="slice,one_shot,distilbert,random,st_distill",
     callback=name_list,
     show_default=True,
     help="Variants to run beside HomoDistil.",
