@@ -108,20 +108,34 @@ def machine_memory_gb() -> float | None:
         return None
 
 
+def device_memory_gb(device: str) -> float | None:
+    """The memory of the device a recipe trains on, here: this machine's for the CPU, the GPU's
+    where the recipe asks for one and this machine has it; None where it is not known here (a GPU
+    recipe checked on a machine without a GPU is checked where it runs)."""
+    if device == "cpu":
+        return machine_memory_gb()
+    import torch
+
+    if not torch.cuda.is_available():
+        return machine_memory_gb() if device == "auto" else None
+    index = torch.device(device if device != "auto" else "cuda").index or 0
+    return torch.cuda.get_device_properties(index).total_memory / 1e9
+
+
 def resource_problems(r: Recipe, cfg: dict, allow_large: bool = False) -> list[str]:
-    """The training memory estimate against this machine's memory, checked before any work
-    starts ([] with `allow_large`, for a machine this one is not)."""
+    """The training memory estimate against the memory of the device it trains on, checked before
+    any work starts ([] with `allow_large`, for a machine this one is not)."""
     if allow_large:
         return []
     full = Shape.of_config(cfg)
-    vocab = Vocab(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"])
-    n_t = param_count(full, vocab, mlm_head=config_has_mlm_head(cfg))
-    need, have = memory_estimate_gb(r, full, n_t), machine_memory_gb()
+    n_t = param_count(full, Vocab.of_config(cfg), mlm_head=config_has_mlm_head(cfg))
+    need, have = memory_estimate_gb(r, full, n_t), device_memory_gb(r.train.device)
     if have is None or need <= have:
         return []
     return [
         f"train.batch_size={r.train.batch_size} x data.max_length={r.data.max_length}: training"
-        f" needs about {need:,.1f} GB of memory (rough estimate), this machine has {have:.1f} GB;"
+        f" needs about {need:,.1f} GB of memory (rough estimate), the {r.train.device} device here"
+        f" has {have:.1f} GB;"
         " lower train.batch_size (raise train.grad_accum for the same global batch) or"
         " data.max_length, or pass --allow-large to run it anyway on a machine that has it"
     ]

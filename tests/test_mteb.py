@@ -16,7 +16,7 @@ from compressor.evaluate import mteb_data, mteb_tasks
 from compressor.teacher import resolve_source
 from compressor.zoo import store as zoo
 from compressor.zoo.mteb_scores import category_summary, retention
-from tests.conftest import PACKAGED
+from tests.helpers import PACKAGED
 
 # The packaged teacher's main score on each offline task (measured on this suite's revision,
 # mteb-core 2.26.24), with the range a test accepts: wide enough for float and BLAS differences

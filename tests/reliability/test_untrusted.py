@@ -43,7 +43,7 @@ from compressor.rundir import (
 )
 from compressor.zoo import store as zoo
 from compressor.zoo.entry import content_hash, file_table, sha256_file
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "TOP-SECRET-CONTENTS-0xC0FFEE"
@@ -286,7 +286,7 @@ def real_sentence_model(tmp_path, tokenizer, code: str) -> Path:
     files) whose Pooling module is `evil.Pooling`, defined by `code` in model/evil.py."""
     from compressor.prune.slim import save_slim_model
     from compressor.teacher import resolve_source, sentence_transformers_files
-    from tests.conftest import PACKAGED, tiny_bert
+    from tests.helpers import PACKAGED, tiny_bert
 
     files = sentence_transformers_files(Path(resolve_source(PACKAGED)))
     files[ST_MODULES_FILE] = [
