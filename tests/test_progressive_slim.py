@@ -223,3 +223,15 @@ def test_the_check_after_a_cut_fails_on_a_wrong_cut_and_on_nan():
         good.hidden_states[-1][0, 0, 0] = float("nan")
         with pytest.raises(CheckFailed):
             check_progressive_slim(masked, good, cut.hidden, att, 7)
+
+
+def test_progressive_slimming_prunes_head_dims(tmp_path):
+    """A cut student is scored at its own head size: with head dims in the target (32 -> 16), every
+    event after the first cut once failed (a 32-wide score against 24-wide removed sums)."""
+    head_dims = [*SLIMMED, "target.hidden=64", "target.heads=4",
+                 "pruning.structures=[layers,heads,head_dims,ffn,hidden]"]  # fmt: skip
+    res = pipeline.run(TINY, output=tmp_path, overrides=head_dims, register=False)
+    assert res.summary["student_shape"]["head_dim"] == 16
+    cuts = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if r.get("event") == "slim"]
+    assert len(cuts) > 2 and all(r["masked_vs_slim_max_abs"] <= 1e-4 for r in cuts)
+    assert res.summary["checks"]["masked_vs_slim_max_abs"] <= 1e-4
