@@ -24,6 +24,7 @@ class Correspondence:
 
     layers: list[int]  # per student layer, the teacher's layer
     heads: list[torch.Tensor]  # per student layer, the teacher's heads it kept [H']
+    hidden: torch.Tensor | None = None  # the teacher's hidden dims the student's dims are [D']
 
 
 class HiddenMaps(nn.Module):
@@ -78,6 +79,27 @@ def representation_cosine(
     """1 - cosine of the mean-pooled final states (the sentence embedding of head-less teachers)."""
     s, t = mean_pool(student, attention_mask), mean_pool(teacher, attention_mask)
     return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
+
+
+def embedding_cosine(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    hidden_alive: torch.Tensor,
+    attention_mask: torch.Tensor,
+    teacher_dims: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """1 - cosine of the sentence embedding that ships (the student's mean-pooled final states,
+    no map) and the teacher's in the coordinates the student keeps: the teacher's hidden dims
+    `teacher_dims` (a slimmed student; None: the student has the teacher's dims), of which the
+    alive ones (`hidden_alive` [D'], the masks of a masked student). HomoDistil's student is the
+    teacher with units removed, so its embedding is trained toward what it can represent
+    exactly: the teacher's, restricted to the dims it kept."""
+    s = mean_pool(student, attention_mask).float()
+    t = mean_pool(teacher, attention_mask).float()
+    if teacher_dims is not None:
+        t = t[:, teacher_dims.to(t.device)]
+    alive = hidden_alive.to(s.dtype)
+    return (1.0 - F.cosine_similarity(s * alive, t * alive, dim=-1)).mean()
 
 
 def similarity_mse(
@@ -164,6 +186,11 @@ def loss_terms(
             out["prediction"] = representation_cosine(
                 maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
             )
+        if d.embedding > 0:
+            dims = c.hidden if c is not None else None
+            out["embedding"] = embedding_cosine(
+                s.hidden_states[-1], t.hidden_states[-1], masks.hidden, att, dims
+            )
         if d.similarity > 0 and att.shape[0] > 1:
             out["similarity"] = similarity_mse(s.hidden_states[-1], t.hidden_states[-1], att)
     return out
@@ -176,6 +203,7 @@ def weighted_total(d: DistillSpec, losses: dict[str, torch.Tensor]) -> torch.Ten
         "prediction": d.prediction,
         "mlm": d.mlm,
         "similarity": d.similarity,
+        "embedding": d.embedding,
     }
     return sum(weights[k] * v for k, v in losses.items())
 

@@ -291,6 +291,12 @@ class DistillSpec(_Frozen):
         description="head-less teachers: MSE of the in-batch pairwise cosine similarities of the"
         " shipped sentence embeddings (no learned map)",
     )
+    embedding: float = Field(
+        0.0,
+        ge=0.0,
+        description="head-less teachers: 1 - cosine of the shipped sentence embedding (no map)"
+        " and the teacher's in the hidden dims the student keeps",
+    )
     hidden: float = Field(1.0, ge=0.0)
     attention: float = Field(1.0, ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
@@ -719,7 +725,7 @@ def cross_field_problems(r: Recipe) -> list[str]:
         )
     p += gate_problems(r)
     d = r.distill
-    if d.mlm + d.prediction + d.hidden + d.attention + d.similarity == 0:
+    if d.mlm + d.prediction + d.hidden + d.attention + d.similarity + d.embedding == 0:
         p.append("distill: every loss weight is 0; nothing would be learned")
     return p
 
@@ -808,6 +814,11 @@ def teacher_problems(r: Recipe, teacher: dict[str, Any]) -> list[str]:
         p.append(
             "distill.similarity: the similarity term is for sentence encoders (head-less"
             " teachers); an MLM teacher is matched by distill.prediction. Set distill.similarity: 0"
+        )
+    if r.distill.embedding > 0 and config_has_mlm_head(teacher):
+        p.append(
+            "distill.embedding: the embedding term is for sentence encoders (head-less"
+            " teachers); an MLM teacher is matched by distill.prediction. Set distill.embedding: 0"
         )
     return p
 

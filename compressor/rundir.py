@@ -73,6 +73,7 @@ BASELINES_RESULTS_JSON = "results.json"
 BASELINES_RESULTS_MD = "results.md"
 BASELINES_CURVES_PNG = PLOT_FILE
 BASELINES_SCORES_PNG = "scores_vs_params.png"
+BASELINES_CATEGORIES_PNG = "mteb_categories.png"
 
 # what a new run directory holds before training starts (a run that fails there is removed)
 START_FILES = (RECIPE_FILE, ENV_FILE, HELDOUT_FILE)

@@ -39,10 +39,18 @@ def test_variants_differ_only_in_what_they_name():
     base = load_recipe(RECIPES / "compare-minilm-4L256.yaml")
     recipes = {v: variant_recipe(base, v, seed=2) for v in VARIANTS}
     for r in recipes.values():
-        assert (r.target, r.train.steps, r.train.batch_size, r.data, r.distill) == (
-            base.target, base.train.steps, base.train.batch_size, base.data, base.distill
+        assert (r.target, r.train.steps, r.train.batch_size, r.data) == (
+            base.target, base.train.steps, base.train.batch_size, base.data
         )  # fmt: skip
         assert r.train.seed == 2 and not r.export.onnx
+    for v in ("homodistil", "one_shot", "distilbert", "random"):  # trained by the pipeline
+        assert recipes[v].distill == base.distill
+    # the slice is not trained and st_distill trains with its own loss: the recipe's losses and
+    # schedule are not theirs, so changing them leaves these runs reusable
+    changed = with_overrides(base, ["distill.hidden=0.5", "pruning.end_step=60"])
+    for v in ("slice", "st_distill"):
+        assert variant_recipe(changed, v, seed=2) == recipes[v]
+        assert recipes[v].pruning.structures == base.pruning.structures
     assert recipes["homodistil"].pruning == base.pruning
     assert recipes["one_shot"].pruning.schedule == "one_shot"
     assert recipes["one_shot"].pruning.importance == "sensitivity"
@@ -136,6 +144,64 @@ def test_aggregate_and_table():
     )
     assert "| homodistil | 0.0M | 0.8000 ± 0.1414 | 0.2000 ± 0.1414 | 0.7000 ± 0.1414 |" in table
     assert "| teacher | 0.0M | 1 | 0 | 0.9000 |" in table
+
+
+def mteb_row(variant, seed, scores):
+    """A comparison row with MTEB cells: two tasks of one category, one of another."""
+    kinds = {"A": ("retrieval", "ndcg_at_10"), "B": ("retrieval", "ndcg_at_10"),
+             "C": ("clustering", "v_measure")}  # fmt: skip
+    teacher = {"A": 0.5, "B": 0.7, "C": 0.4}
+    return {"variant": variant, "seed": seed, "params": 100, "discrepancy_final": 0.1,
+            "teacher_params": 400, "score": {}, "metric": {}, "teacher_score": {},
+            "quality": {"similarity_spearman": 0.9}, "curve": [(0, 0.0)],
+            "mteb": {t: {"category": kinds[t][0], "metric": kinds[t][1], "student": scores[t],
+                         "teacher": teacher[t]} for t in kinds}}  # fmt: skip
+
+
+def test_mteb_comparison_averages_categories_and_pairs_by_seed():
+    ours = [mteb_row("homodistil", s, {"A": 0.4 + d, "B": 0.6, "C": 0.3 + d})
+            for s, d in [(0, 0.0), (1, 0.02), (2, 0.04)]]  # fmt: skip
+    # st_distill: listed in another seed order, ahead on clustering at every seed, level on
+    # retrieval on average but not at every seed
+    theirs = [mteb_row("st_distill", s, {"A": 0.4 + d, "B": 0.6, "C": 0.35 + d})
+              for s, d in [(2, 0.01), (0, 0.03), (1, 0.02)]]  # fmt: skip
+    res = aggregate(ours + theirs, load_recipe(RECIPES / "compare-minilm-4L256.yaml"),
+                    EvalSettings(mode="probe"), [])  # fmt: skip
+    m = res["mteb"]
+    assert m["teacher"]["categories"] == pytest.approx(
+        {"clustering": 0.4, "retrieval": 0.6, "average": (0.5 + 0.7 + 0.4) / 3}
+    )
+    h = m["variants"]["homodistil"]
+    assert h["categories"]["retrieval"]["per_seed"] == pytest.approx([0.5, 0.51, 0.52])
+    assert h["categories"]["clustering"]["mean"] == pytest.approx(0.32)
+    # retention: the mean over tasks of student / teacher, per seed, then over seeds
+    assert h["retention"]["average"]["per_seed"][0] == pytest.approx(
+        100 * (0.4 / 0.5 + 0.6 / 0.7 + 0.3 / 0.4) / 3
+    )
+    v = m["versus"]["st_distill"]
+    # paired by seed, not by position: seed 0 is 0.0 - 0.03, seed 1 0.02 - 0.02, seed 2 0.04 - 0.01
+    assert v["retrieval"]["per_seed"] == pytest.approx([-0.015, 0.0, 0.015])
+    assert v["retrieval"]["verdict"] == "inside the noise"
+    assert v["clustering"]["verdict"] == "behind"
+    assert v["clustering"]["high"] < 0
+    table = markdown_table(res)
+    assert "| HomoDistil vs | clustering | retrieval | average |" in table
+    assert "| st_distill | -0.0500 [-0.0800, -0.0200] behind |" in table
+
+
+def test_paired_difference_interval_and_verdict():
+    from compressor.stats import paired_difference
+
+    d = paired_difference([0.5, 0.6, 0.7], [0.4, 0.45, 0.69])
+    assert d["mean"] == pytest.approx((0.1 + 0.15 + 0.01) / 3)
+    # 3 pairs: the interval is the range of the differences (an all-equal resample has p = 1/27)
+    assert (d["low"], d["high"]) == pytest.approx((0.01, 0.15))
+    assert d["verdict"] == "ahead"
+    many = paired_difference([float(i % 7) for i in range(40)], [3.0] * 40)
+    assert many["low"] < many["mean"] < many["high"] and many["verdict"] == "inside the noise"
+    assert paired_difference([0.0, 0.0], [0.1, 0.2])["verdict"] == "behind"
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_untrained_slice_is_the_teacher_sliced_with_no_training(tmp_path, packaged_tokenizer):

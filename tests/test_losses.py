@@ -10,8 +10,10 @@ import torch
 from compressor.data import Batch
 from compressor.forward import EncoderOutput, encode
 from compressor.losses import (
+    Correspondence,
     HiddenMaps,
     attention_kl,
+    embedding_cosine,
     hidden_mse,
     loss_terms,
     mlm_cross_entropy,
@@ -169,6 +171,42 @@ def test_loss_terms_similarity_on_the_unmapped_final_state():
     assert weighted_total(d.model_copy(update={"similarity": 2.0}), out).item() == pytest.approx(
         2 * out["similarity"].item()
     )
+
+
+def test_embedding_cosine_is_map_free_and_in_the_kept_coordinates():
+    """The embedding term compares the student's own pooled final state with the teacher's in
+    the dims the student keeps: 0 when they agree there, whatever the teacher has elsewhere; the
+    same value for a masked student and for the slimmed one that holds only the kept dims."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 8, generator=g)
+    att = torch.ones(3, 5, dtype=torch.long)
+    att[2, 3:] = 0
+    alive = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    masked = t * alive  # a masked student that matches the teacher in its kept dims
+    assert embedding_cosine(t, t, torch.ones(8, dtype=torch.bool), att).item() < 1e-6
+    assert embedding_cosine(masked, t, alive, att).item() < 1e-6
+    rotated = t @ torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # same geometry, other coords
+    assert embedding_cosine(rotated, t, torch.ones(8, dtype=torch.bool), att).item() > 0.1
+    kept = alive.nonzero().flatten()
+    student = torch.randn(3, 5, 8, generator=g) * alive
+    slimmed = student[..., kept]
+    assert embedding_cosine(slimmed, t, torch.ones(5, dtype=torch.bool), att, kept).item() == (
+        pytest.approx(embedding_cosine(student, t, alive, att).item(), abs=1e-6)
+    )
+
+
+def test_loss_terms_embedding_reads_the_kept_teacher_dims_of_a_slimmed_student():
+    t = hand_outputs(seed=0)
+    d = DistillSpec(hidden=0.0, attention=0.0, prediction=0.0, embedding=1.0)
+    dims = torch.tensor([0, 2, 3, 5, 6])
+    s = copy.deepcopy(t)
+    s.hidden_states = [h[..., dims] for h in t.hidden_states]
+    masks = Masks.full(Shape(3, 5, 2, 4, 16))
+    c = Correspondence(layers=[0, 1, 2], heads=[torch.arange(2)] * 3, hidden=dims)
+    out = loss_terms(d, t, s, HiddenMaps(4, 8), masks, hand_batch(), c)
+    assert set(out) == {"embedding"} and out["embedding"].item() < 1e-6
+    c = Correspondence(layers=[0, 1, 2], heads=[torch.arange(2)] * 3, hidden=dims.flip(0))
+    assert loss_terms(d, t, s, HiddenMaps(4, 8), masks, hand_batch(), c)["embedding"] > 1e-3
 
 
 # ---------------------------------------------------------------------------- prediction / mlm

@@ -298,3 +298,30 @@ def test_cli_mteb_with_a_bad_folder_exits_non_zero_without_traceback(tiny_run, t
     assert "fits no task layout" in res.output
     res = CliRunner().invoke(main, ["eval", str(tiny_run.run_dir)])
     assert res.exit_code == 2 and "give --task or --mteb" in res.output
+
+
+@pytest.mark.slow
+def test_a_comparison_reuses_recorded_scores_and_rescores_a_changed_task(tiny_run, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """`compress baselines` reads each run's MTEB records: a task scored once is not scored
+    again, unless its data (its revision) changed."""
+    import shutil
+
+    from compressor.evaluate import mteb_eval
+
+    run_dir = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    sts = make_folder(tmp_path, "sts")
+    first = mteb_eval.recorded_or_scored(run_dir, [str(sts)])
+    assert [r["task"] for r in first] == ["sts"] and "teacher" in first[0]
+    real = mteb_eval.evaluate_mteb_dir
+    monkeypatch.setattr(mteb_eval, "evaluate_mteb_dir",
+                        lambda *a, **k: pytest.fail("scored again"))  # fmt: skip
+    assert mteb_eval.recorded_or_scored(run_dir, [str(sts)]) == first
+    rows = [json.loads(line) for line in (sts / "test.jsonl").read_text().splitlines()]
+    write_jsonl(sts / "test.jsonl", rows[::-1])  # same rows, another order: another revision
+    asked = []
+    monkeypatch.setattr(mteb_eval, "evaluate_mteb_dir",
+                        lambda root, names, **k: asked.append(names) or real(root, names, **k))  # fmt: skip
+    again = mteb_eval.recorded_or_scored(run_dir, [str(sts)])
+    assert asked == [[str(sts)]]
+    assert again[0]["settings"]["revision"] != first[0]["settings"]["revision"]

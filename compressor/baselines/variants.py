@@ -34,6 +34,7 @@ from compressor.recipe import (
     with_overrides,
 )
 from compressor.rundir import (
+    BASELINES_CATEGORIES_PNG,
     BASELINES_CURVES_PNG,
     BASELINES_RESULTS_JSON,
     BASELINES_RESULTS_MD,
@@ -43,7 +44,7 @@ from compressor.rundir import (
     SUMMARY_FILE,
     read_summary,
 )
-from compressor.stats import over_seeds
+from compressor.stats import over_seeds, paired_difference
 
 # what each variant changes in the recipe (HomoDistil is the recipe itself)
 ONE_SHOT = {"schedule": "one_shot", "start_step": 0}
@@ -75,6 +76,11 @@ def variant_recipe(base: Recipe, variant: str, seed: int) -> Recipe:
     if variant not in VARIANTS:
         raise RecipeError("--baselines", [f"unknown variant {variant!r} ({', '.join(VARIANTS)})"])
     raw = recipe_to_dict(base)
+    if variant in UNTRAINED | ST_TRAINED:
+        # the recipe's losses and schedule play no part in these: they take the defaults, so
+        # that a change to them does not call for new runs of these variants
+        raw["distill"] = {}
+        raw["pruning"] = {"structures": raw["pruning"]["structures"], "end_step": 0}
     for section, changes in VARIANTS[variant].items():
         raw[section] = {**raw.get(section, {}), **changes}
     raw["name"] = f"{variant}-s{seed}"
@@ -99,25 +105,42 @@ def run_variant(variant: str, recipe: Recipe, runs_root: Path) -> Path:
     return pipeline.run(recipe, runs_root).run_dir
 
 
-def trained(variant: str, recipe: Recipe, runs_root: Path) -> tuple[str, int] | None:
-    """run_variant in a worker process: None, or the error's message and exit code (a typed
-    error may not survive pickling back to the parent)."""
+def scored(run_dir: Path, recipe: Recipe, mteb: list[str]) -> list[dict]:
+    """The run's MTEB records of the tasks (scored now only where it lacks them), at the
+    recipe's thread count."""
+    if not mteb:
+        return []
+    import torch
+
+    from compressor.evaluate.mteb_eval import recorded_or_scored
+
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    return recorded_or_scored(run_dir, mteb)
+
+
+def trained(variant: str, recipe: Recipe, runs_root: Path,
+            mteb: list[str] = ()) -> tuple[str, int] | None:  # fmt: skip
+    """run_variant, then its MTEB scores, in a worker process: None, or the error's message and
+    exit code (a typed error may not survive pickling back to the parent)."""
     try:
-        run_variant(variant, recipe, runs_root)
+        scored(run_variant(variant, recipe, runs_root), recipe, list(mteb))
     except CompressError as err:
         return f"{recipe.name}: {err}", err.exit_code
     return None
 
 
-def train_all(plan: list[tuple[str, int, Recipe]], runs_root: Path, jobs: int) -> None:
-    """Train (or resume, or reuse) every run of the plan, `jobs` at a time, each in its own
-    process, in plan order. The first failure stops the rest and is raised."""
+def train_all(plan: list[tuple[str, int, Recipe]], runs_root: Path, jobs: int,
+              mteb: list[str] = ()) -> None:  # fmt: skip
+    """Train (or resume, or reuse) every run of the plan and score it on the MTEB tasks, `jobs`
+    at a time, each in its own process, in plan order. The first failure stops the rest and is
+    raised."""
     if any(r.train.threads is None for v, _, r in plan if v not in UNTRAINED):
         raise RecipeError("--jobs", [f"--jobs {jobs} runs {jobs} trainings at once: give each "
                                      "its threads, e.g. --set train.threads=1"])  # fmt: skip
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(trained, v, r, runs_root) for v, _, r in plan]
+        futures = [pool.submit(trained, v, r, runs_root, list(mteb)) for v, _, r in plan]
         for future in as_completed(futures):
             if (failure := future.result()) is not None:
                 pool.shutdown(cancel_futures=True)
@@ -135,6 +158,7 @@ def compare(
     settings: EvalSettings,
     overrides: list[str] = (),
     jobs: int = 1,
+    mteb: list[str] = (),
 ) -> dict:
     base = with_overrides(load_recipe(recipe_path), list(overrides))
     # seed-major: an interrupted comparison has every variant at the first seeds
@@ -142,13 +166,14 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(base), sort_keys=False))
     if jobs > 1:
-        train_all(plan, out / "runs", jobs)
+        train_all(plan, out / "runs", jobs, mteb)
     rows = []
     for variant, seed, recipe in plan:
         run_dir = run_variant(variant, recipe, out / "runs")
         evals = {}
         for task in tasks:
             evals[task] = recorded_or_evaluated(run_dir, task, settings, [seed])
+        records = scored(run_dir, recipe, list(mteb))
         summary = read_summary(run_dir).to_dict()
         rows.append(
             {
@@ -167,17 +192,83 @@ def compare(
                 "teacher_score": {t: e["teacher"]["mean"] for t, e in evals.items()},
                 "quality": summary.get("quality", {}),
                 "teacher_params": summary["teacher_params"],
+                "mteb": {r["task"]: mteb_cell(r) for r in records},
             }
         )
     results = aggregate(rows, base, settings, tasks)
     (out / BASELINES_RESULTS_JSON).write_text(json.dumps({**results, "runs": rows}, indent=2))
     (out / BASELINES_RESULTS_MD).write_text(markdown_table(results))
     plot_curves(rows, out / BASELINES_CURVES_PNG)
-    plot_scores(results, out / BASELINES_SCORES_PNG)
+    if tasks:
+        plot_scores(results, out / BASELINES_SCORES_PNG)
+    if mteb:
+        plot_categories(results, out / BASELINES_CATEGORIES_PNG)
     return results
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)
+
+
+AVERAGE = "average"  # over every task of the suite
+
+
+def mteb_cell(record: dict) -> dict:
+    """What a comparison keeps of one MTEB record: the task's category, its main score's name,
+    and the student's and the teacher's main scores."""
+    return {"category": record["category"], "metric": record["metric"],
+            "student": record["student"]["mean"], "teacher": record["teacher"]["mean"]}  # fmt: skip
+
+
+def category_means(cells: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per category (sorted), then over all tasks: the mean main score of student and teacher
+    and the mean of the tasks' retentions (student / teacher, percent)."""
+    groups: dict[str, list[dict]] = {}
+    for c in cells.values():
+        groups.setdefault(c["category"], []).append(c)
+    named = [(k, groups[k]) for k in sorted(groups)] + [(AVERAGE, list(cells.values()))]
+    return {
+        k: {
+            "student": statistics.fmean(c["student"] for c in cs),
+            "teacher": statistics.fmean(c["teacher"] for c in cs),
+            "retention": statistics.fmean(100.0 * c["student"] / c["teacher"] for c in cs),
+        }
+        for k, cs in named
+    }
+
+
+def mteb_aggregate(rows: list[dict]) -> dict:
+    """Per variant: each task's and each category's main score over seeds, and the retention;
+    then HomoDistil against each other variant, paired by seed, with a bootstrap interval."""
+    first = rows[0]["mteb"]
+    teacher = {"tasks": {t: c["teacher"] for t, c in first.items()},
+               "categories": {k: v["teacher"] for k, v in category_means(first).items()},
+               "metric": {t: c["metric"] for t, c in first.items()},
+               "category_of": {t: c["category"] for t, c in first.items()}}  # fmt: skip
+    per_seed: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        per_seed.setdefault(r["variant"], {})[r["seed"]] = r["mteb"]
+    variants = {}
+    for v, by_seed in per_seed.items():
+        means = [category_means(cells) for cells in by_seed.values()]
+        variants[v] = {
+            "seeds": list(by_seed),
+            "tasks": {t: over_seeds([cells[t]["student"] for cells in by_seed.values()])
+                      for t in first},
+            "categories": {k: over_seeds([m[k]["student"] for m in means]) for k in means[0]},
+            "retention": {k: over_seeds([m[k]["retention"] for m in means]) for k in means[0]},
+        }  # fmt: skip
+    versus = {}
+    if "homodistil" in per_seed:
+        ours = per_seed["homodistil"]
+        for v, by_seed in per_seed.items():
+            seeds = [s for s in ours if s in by_seed]
+            if v == "homodistil" or not seeds:
+                continue
+            a = [category_means(ours[s]) for s in seeds]
+            b = [category_means(by_seed[s]) for s in seeds]
+            versus[v] = {k: paired_difference([m[k]["student"] for m in a],
+                                              [m[k]["student"] for m in b]) for k in a[0]}  # fmt: skip
+    return {"teacher": teacher, "variants": variants, "versus": versus}
 
 
 def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: list[str]) -> dict:
@@ -207,6 +298,7 @@ def aggregate(rows: list[dict], base: Recipe, settings: EvalSettings, tasks: lis
             "metric": rows[0]["metric"],
         },
         "variants": variants,
+        **({"mteb": mteb_aggregate(rows)} if rows[0].get("mteb") else {}),
     }
 
 
@@ -232,14 +324,87 @@ def markdown_table(res: dict) -> str:
         f"Mean ± sample std over seeds {seeds}; {res['steps']} steps x {res['batch_size']}"
         f" sequences x {res['max_length']} tokens for every trained variant (`slice` is not"
         " trained). Similarity: Spearman of the pairwise cosine similarities of student and"
-        " teacher embeddings on held-out text never trained on. Downstream: test split;"
-        f" classification by {res['eval']['mode']} (train {res['eval']['max_train']}, eval"
-        f" {res['eval']['max_eval']}), retrieval zero-shot."
-    )
+        " teacher embeddings on held-out text never trained on."
+        + (f" Downstream: test split; classification by {res['eval']['mode']} (train"
+           f" {res['eval']['max_train']}, eval {res['eval']['max_eval']}), retrieval zero-shot."
+           if tasks else "")
+    )  # fmt: skip
+    if "mteb" in res:
+        lines += ["", mteb_markdown(res["mteb"])]
     return "\n".join(lines) + "\n"
 
 
+def signed(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def mteb_markdown(m: dict) -> str:
+    """The MTEB-protocol tables: category averages per variant (with retention), HomoDistil
+    against each variant paired by seed, and every task."""
+    t = m["teacher"]
+    cats = list(t["categories"])
+    head = ["variant", *cats, f"{AVERAGE} retention"]
+    lines = ["**MTEB-protocol suite, main score averaged per category** (mean ± std over seeds;"
+             " the last column: mean teacher retention over tasks, percent)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| teacher | " + " | ".join(f"{t['categories'][k]:.4f}" for k in cats) + " | 100 |"]  # fmt: skip
+    for name, v in m["variants"].items():
+        c, r = v["categories"], v["retention"][AVERAGE]
+        cells = [f"{c[k]['mean']:.4f} ± {c[k]['std']:.4f}" for k in cats]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {r['mean']:.1f} ± {r['std']:.1f}% |")  # fmt: skip
+    if m["versus"]:
+        any_pair = next(iter(next(iter(m["versus"].values())).values()))
+        lines += ["", f"**HomoDistil minus each variant**, paired by seed (same seed, same texts):"
+                  f" mean difference [{any_pair['level']:.0%} bootstrap interval over"
+                  f" {any_pair['n']} seeds], and whether HomoDistil is ahead, behind, or inside"
+                  " the noise (the interval holds 0)", "",
+                  "| HomoDistil vs | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 1)]  # fmt: skip
+        for name, diffs in m["versus"].items():
+            cells = [f"{signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}] {d['verdict']}"
+                     for d in (diffs[k] for k in cats)]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tasks = list(t["tasks"])
+    lines += ["", "**Every task** (main score, mean ± std over seeds)", "",
+              "| variant | " + " | ".join(f"{k} ({t['category_of'][k]}, {t['metric'][k]})"
+                                         for k in tasks) + " |",
+              "|" + "---|" * (len(tasks) + 1),
+              "| teacher | " + " | ".join(f"{t['tasks'][k]:.4f}" for k in tasks) + " |"]  # fmt: skip
+    for name, v in m["variants"].items():
+        cells = [f"{v['tasks'][k]['mean']:.4f} ± {v['tasks'][k]['std']:.4f}" for k in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- plots
+
+
+def plot_categories(res: dict, out: Path) -> None:
+    """Per MTEB category, each variant's mean main score with its seed spread (std) and the
+    teacher's as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = res["mteb"]
+    cats = list(m["teacher"]["categories"])
+    fig, axes = plt.subplots(1, len(cats), figsize=(3.2 * len(cats), 3.8), squeeze=False)
+    names = list(m["variants"])
+    for ax, k in zip(axes[0], cats, strict=True):
+        stats = [m["variants"][v]["categories"][k] for v in names]
+        ax.bar(range(len(names)), [x["mean"] for x in stats], yerr=[x["std"] for x in stats],
+               capsize=3, color=[f"C{i}" for i in range(len(names))])  # fmt: skip
+        ax.axhline(m["teacher"]["categories"][k], color="black", ls="--", label="teacher")
+        low = min(x["mean"] - x["std"] for x in stats)
+        ax.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(k)
+    axes[0][0].set_ylabel("main score (mean over tasks)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(rows: list[dict], out: Path) -> None:

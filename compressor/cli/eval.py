@@ -139,7 +139,20 @@ def run_mteb(target: str, names: list[str], with_teacher: bool, zoo_dir, as_json
 )
 @click.option("--seeds", default="0,1,2", callback=seed_list, show_default=True)
 @click.option(
-    "--tasks", default="movie_retrieval,rotten_tomatoes", callback=name_list, show_default=True
+    "--mteb",
+    "mteb_tasks",
+    default="offline",
+    callback=name_list,
+    show_default=True,
+    help="MTEB tasks every student (and the teacher) is scored on, comma-separated, as in"
+    " `compress eval --mteb` ('offline': the offline suite; '' for none).",
+)
+@click.option(
+    "--tasks",
+    default="",
+    callback=name_list,
+    help="Also fine-tune (or --probe) each student on these `compress eval --task` tasks, e.g."
+    " movie_retrieval,rotten_tomatoes.",
 )
 @eval_options
 @click.option(
@@ -153,12 +166,13 @@ def run_mteb(target: str, names: list[str], with_teacher: bool, zoo_dir, as_json
               help="Output directory (runs, results.md/json, plots). Re-running resumes.")  # fmt: skip
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trainings at once, each in its own process (set train.threads to match).")  # fmt: skip
-def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length, max_train,
-                max_eval, overrides, out, jobs) -> None:  # fmt: skip
+def baselines_cmd(recipe, baselines, seeds, mteb_tasks, tasks, probe, epochs, lr, max_length,
+                  max_train, max_eval, overrides, out, jobs) -> None:  # fmt: skip
     """Run HomoDistil (RECIPE) and the baselines at the same shape and token budget over SEEDS,
     evaluate every student, and write a results table and plots."""
     from compressor.baselines.variants import compare
     from compressor.rundir import (
+        BASELINES_CATEGORIES_PNG,
         BASELINES_CURVES_PNG,
         BASELINES_RESULTS_MD,
         BASELINES_SCORES_PNG,
@@ -166,6 +180,13 @@ def baselines_cmd(recipe, baselines, seeds, tasks, probe, epochs, lr, max_length
 
     settings = settings_from(probe, epochs, lr, max_length, max_train, max_eval)
     variants = ["homodistil", *[b for b in baselines if b != "homodistil"]]
-    compare(recipe, out, variants, seeds, tasks, settings, list(overrides), jobs)
+    if not mteb_tasks and not tasks:
+        raise click.UsageError(
+            "give --mteb or --tasks (the students need something to be scored on)"
+        )
+    compare(recipe, out, variants, seeds, tasks, settings, list(overrides), jobs, mteb_tasks)
     click.echo((out / BASELINES_RESULTS_MD).read_text())
-    click.echo(f"plots: {out / BASELINES_CURVES_PNG}, {out / BASELINES_SCORES_PNG}")
+    plots = [out / BASELINES_CURVES_PNG]
+    plots += [out / BASELINES_SCORES_PNG] if tasks else []
+    plots += [out / BASELINES_CATEGORIES_PNG] if mteb_tasks else []
+    click.echo("plots: " + ", ".join(map(str, plots)))

@@ -22,10 +22,10 @@ from compressor.environment import pick_device
 from compressor.errors import DataError, RunDirError
 from compressor.evaluate import mteb_tasks
 from compressor.recipe import load_run_recipe
-from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, write_json_atomic
+from compressor.rundir import MODEL_DIR, evals_path, is_run_dir, read_json, write_json_atomic
 from compressor.teacher import resolve_source
 from compressor.zoo import store as zoo_store
-from compressor.zoo.mteb_scores import MODE, category, category_summary, retention
+from compressor.zoo.mteb_scores import MODE, category, category_summary, is_mteb, retention
 
 SPLIT = "test"
 SKIP_KEYS = ("main_score", "hf_subset", "languages", "mteb_version")
@@ -241,3 +241,27 @@ def evaluate_mteb_target(target: str, names: list[str], with_teacher: bool = Tru
 
     records = evaluate_mteb_dir(run_dir, names, with_teacher, on_record=record)
     return records, f"zoo entry {entry_id}" if entry_id else str(evals_path(run_dir))
+
+
+def recorded_or_scored(run_dir: Path, names: list[str]) -> list[dict]:
+    """The run's MTEB record of each task (with its teacher, the same task revision and mteb
+    version), scoring and recording only the tasks it lacks: what `compress baselines` reads,
+    so re-running a comparison re-scores nothing. One record per task, in order."""
+    import mteb
+
+    from compressor.evaluate.evaluation import append_to_run
+
+    run_dir = Path(run_dir)
+    wanted = {}
+    for name in mteb_tasks.expand(names):
+        task, _ = mteb_tasks.resolve_task(name)
+        wanted[name] = (task.metadata.name, str(task.metadata.dataset.get("revision", "")))
+    have: dict[str, dict] = {}
+    for r in read_json(evals_path(run_dir), {"evaluations": []})["evaluations"]:
+        if is_mteb(r) and "teacher" in r and r["settings"]["mteb_version"] == mteb.__version__:
+            have[(r["task"], r["settings"]["revision"])] = r  # the latest one counts
+    missing = [n for n, key in wanted.items() if key not in have]
+    if missing:
+        for r in evaluate_mteb_dir(run_dir, missing, on_record=lambda r: append_to_run(run_dir, r)):
+            have[(r["task"], r["settings"]["revision"])] = r
+    return [have[key] for key in wanted.values()]

@@ -258,7 +258,7 @@ class TrainingState:
 
     def correspondence(self) -> Correspondence | None:
         u = self.units
-        return None if u is None else Correspondence(u.layers.tolist(), list(u.heads))
+        return None if u is None else Correspondence(u.layers.tolist(), list(u.heads), u.hidden)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

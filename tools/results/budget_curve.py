@@ -1,5 +1,6 @@
 """How quality approaches the teacher as the training budget grows: one recipe, the same target
-shape, its step budget (and pruning schedule, warm-up) scaled by each factor, over seeds.
+shape, its step budget (and pruning schedule, warm-up) scaled by each factor, over seeds, scored
+on the MTEB-protocol offline suite (category averages and teacher retention).
 
     .venv/bin/python tools/results/budget_curve.py --out runs/budget --factors 1,2,4 \
         --reuse 1=runs/baselines/runs        # the x1 runs of `compress baselines`, if present
@@ -35,48 +36,56 @@ def scaled(recipe_path: Path, factor: float) -> list[str]:
     ]
 
 
-def table(rows: list[dict], tasks: list[str]) -> str:
-    def pm(x: dict) -> str:
-        return f"{x['mean']:.4f} ± {x['std']:.4f}"
-
-    teacher = rows[0]["results"]["teacher"]
-    head = ["budget", "steps", "tokens", "similarity to teacher (Spearman)"]
-    head += [f"{t} {teacher['metric'][t]}" for t in tasks]
+def table(rows: list[dict]) -> str:
+    m0 = rows[0]["results"]["mteb"]
+    cats = list(m0["teacher"]["categories"])
+    head = ["budget", "steps", "tokens", "similarity to teacher (Spearman)", *cats,
+            "retention (average)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         res = row["results"]
         v = res["variants"]["homodistil"]
+        m = res["mteb"]["variants"]["homodistil"]
         tokens = res["steps"] * res["batch_size"] * res["max_length"]
         cells = [f"x{row['factor']:g}", str(res["steps"]), f"{tokens / 1e6:.2f}M",
-                 pm(v["similarity_spearman"]), *(pm(v["score"][t]) for t in tasks)]  # fmt: skip
+                 pm(v["similarity_spearman"]), *(pm(m["categories"][k]) for k in cats),
+                 pm(m["retention"]["average"], 1, "%")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    cells = ["teacher", "", "", "1", *(f"{teacher['score'][t]:.4f}" for t in tasks)]
+    cells = ["teacher", "", "", "1", *(f"{m0['teacher']['categories'][k]:.4f}" for k in cats),
+             "100%"]  # fmt: skip
     lines.append("| " + " | ".join(cells) + " |")
     seeds = rows[0]["results"]["variants"]["homodistil"]["seeds"]
-    lines += ["", f"Mean ± sample std over seeds {seeds}."]
+    lines += ["", f"HomoDistil students; mean ± sample std over seeds {seeds}. Categories: the"
+              " mean main score of the offline MTEB-protocol suite's tasks in each (`compress eval"
+              " --mteb offline`); retention: the mean over tasks of student / teacher."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], tasks: list[str], out: Path) -> None:
+def pm(x: dict, digits: int = 4, unit: str = "") -> str:
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}{unit}"
+
+
+def plot(rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["similarity_spearman", *tasks]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    teacher = rows[0]["results"]["mteb"]["teacher"]["categories"]
+    keys = ["retention", *teacher]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     steps = [r["results"]["steps"] for r in rows]
     for ax, key in zip(axes[0], keys, strict=True):
-        v = [r["results"]["variants"]["homodistil"] for r in rows]
-        stats = [x["similarity_spearman"] if key == keys[0] else x["score"][key] for x in v]
+        m = [r["results"]["mteb"]["variants"]["homodistil"] for r in rows]
+        stats = [x["retention"]["average"] if key == "retention" else x["categories"][key]
+                 for x in m]  # fmt: skip
         ax.errorbar(steps, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
                     fmt="o-", capsize=3, label="HomoDistil student")  # fmt: skip
-        teacher = rows[0]["results"]["teacher"]
-        ax.axhline(1.0 if key == keys[0] else teacher["score"][key], color="black", ls="--",
+        ax.axhline(100.0 if key == "retention" else teacher[key], color="black", ls="--",
                    label="teacher")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("training steps")
-        ax.set_title(key if key == keys[0] else f"{key} {teacher['metric'][key]}")
+        ax.set_title("retention % (average)" if key == "retention" else key)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -89,7 +98,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--factors", default="1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--tasks", default="movie_retrieval,rotten_tomatoes")
+    ap.add_argument("--mteb", default="offline", help="MTEB tasks, as `compress baselines --mteb`")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (give train.threads)")
     ap.add_argument("--reuse", action="append", default=[], metavar="FACTOR=RUNS_DIR",
                     help="Use finished runs of this factor from another comparison's runs/.")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -97,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     factors = [float(f) for f in args.factors.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    tasks = [t for t in args.tasks.split(",") if t]
+    mteb = [t for t in args.mteb.split(",") if t]
     reuse = {float(f): Path(d) for f, d in (x.split("=", 1) for x in args.reuse)}
     settings = EvalSettings(mode="probe")
     rows = []
@@ -107,11 +117,12 @@ def main() -> None:
         if factor in reuse and not (out / "runs").exists():
             (out / "runs").symlink_to(reuse[factor].resolve(), target_is_directory=True)
         overrides = [*(scaled(args.recipe, factor) if factor != 1 else []), *args.set]
-        results = compare(args.recipe, out, ["homodistil"], seeds, tasks, settings, overrides)
+        results = compare(args.recipe, out, ["homodistil"], seeds, [], settings, overrides,
+                          jobs=args.jobs, mteb=mteb)  # fmt: skip
         rows.append({"factor": factor, "results": results})
     (args.out / "budget.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "budget.md").write_text(table(rows, tasks))
-    plot(rows, tasks, args.out / "budget.png")
+    (args.out / "budget.md").write_text(table(rows))
+    plot(rows, args.out / "budget.png")
     print((args.out / "budget.md").read_text())
 
 
