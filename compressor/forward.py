@@ -63,7 +63,11 @@ def encode(
     token_type_ids: torch.Tensor | None = None,
     with_logits: bool = False,
     dropout: float = 0.0,
+    logits_at: torch.Tensor | None = None,
 ) -> EncoderOutput:
+    """The encoder's outputs under `masks` (module docstring). With `logits_at` (flat positions
+    into [B x T]) the MLM head runs at those positions only and the logits are [N, V] (the rows of
+    the [B, T, V] logits at them, in that order); without, at every position."""
     arch = architecture_for(model)
     cfg = model.config
     act = arch.activation(cfg)
@@ -133,6 +137,8 @@ def encode(
     logits = None
     head = arch.mlm_head(model)
     if with_logits and head is not None:
+        if logits_at is not None:
+            x = x.reshape(bsz * seq, -1).index_select(0, logits_at)
         z = masked_layer_norm(keep_hidden(head.act(head.dense(x))), head.ln, hid, all_hidden)
         logits = head.decoder(z)
     return EncoderOutput(hidden_states, attentions, logits)

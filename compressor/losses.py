@@ -94,12 +94,15 @@ def similarity_mse(
 def prediction_kl(
     teacher_logits: torch.Tensor,
     student_logits: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     temperature: float,
 ) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of MLM predictions at the selected positions [B, T] (bool)."""
-    t = (teacher_logits[positions].float() / temperature).log_softmax(-1)
-    s = (student_logits[positions].float() / temperature).log_softmax(-1)
+    """T^2 * KL(teacher || student) of MLM predictions at the selected positions [B, T] (bool);
+    None: the logits [N, V] are those positions' already (forward.encode `logits_at`)."""
+    if positions is not None:
+        teacher_logits, student_logits = teacher_logits[positions], student_logits[positions]
+    t = (teacher_logits.float() / temperature).log_softmax(-1)
+    s = (student_logits.float() / temperature).log_softmax(-1)
     if t.shape[0] == 0:
         return student_logits.sum() * 0.0
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
@@ -153,11 +156,14 @@ def loss_terms(
             for i, j in layers
         ) / max(1, len(layers))
     if s.logits is not None and t.logits is not None:
+        # logits [N, V] at batch.label_index only (train/step.py), or [B, T, V] everywhere
+        at_labels = s.logits.ndim == 2
+        labels = batch.labels.flatten()[batch.label_index] if at_labels else batch.labels
         if d.prediction > 0:
-            positions = batch.labels != -100
+            positions = None if at_labels else batch.labels != -100
             out["prediction"] = prediction_kl(t.logits, s.logits, positions, d.temperature)
         if d.mlm > 0:
-            out["mlm"] = mlm_cross_entropy(s.logits, batch.labels)
+            out["mlm"] = mlm_cross_entropy(s.logits, labels)
     else:
         last = len(t.hidden_states) - 1
         if d.prediction > 0:
@@ -206,5 +212,6 @@ class StudentLoss(nn.Module):
         autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
-                       with_logits=self.with_logits, dropout=dropout)  # fmt: skip
+                       with_logits=self.with_logits, dropout=dropout,
+                       logits_at=batch.label_index)  # fmt: skip
         return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence)

@@ -38,7 +38,7 @@ def micro_step(
     StudentLoss (under DDP: every backward goes through DDP's forward); `masks.fade` must be its
     fade. Returns each term and the total; a non-finite one stops training before anything
     learns from it."""
-    t_out = teacher.encode(batch, bf16)
+    t_out = teacher.encode(batch, bf16, logits_at=batch.label_index)  # the head where labels are
     losses = model(d, t_out, masks, batch, dropout, bf16)
     total = weighted_total(d, losses)
     values = {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
