@@ -46,9 +46,18 @@ class Batch:
     # tokens are masked: the MLM head runs there only, with no device sync to find them
     label_index: torch.Tensor | None = None  # [N] int64
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On `device`; `non_blocking` copies from pinned host memory to a GPU without waiting
+        (the host tensors must not be written until the copy is done: batches are fresh)."""
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda"
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
+                device, non_blocking=non_blocking
+            )
 
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
                      move(self.label_index))  # fmt: skip

@@ -12,7 +12,7 @@ from torch import nn
 
 from compressor.data import Batch
 from compressor.forward import EncoderOutput, encode, mean_pool
-from compressor.prune.masks import Masks
+from compressor.prune.masks import HostMasks, Masks, MasksMemo
 from compressor.recipe import DistillSpec
 
 
@@ -128,17 +128,18 @@ def loss_terms(
     masks: Masks,
     batch: Batch,
     correspondence: Correspondence | None = None,
+    host: HostMasks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms.
     `correspondence` names the teacher's layer and heads of each of the student's layers (a
-    progressively slimmed student); None: the student has the teacher's layers and heads."""
+    progressively slimmed student); None: the student has the teacher's layers and heads.
+    `host`: `HostMasks.of(masks)` when the caller keeps it (no device read per layer)."""
     att = batch.attention_mask
     c = correspondence
     teacher_layer = c.layers if c is not None else range(masks.layers.numel())
+    kept = host.layers if host is not None else [bool(k) for k in masks.layers]
     # (student state, teacher state): the embeddings, then each layer that stays
-    mapped = [(0, 0)] + [
-        (i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if bool(masks.layers[i])
-    ]
+    mapped = [(0, 0)] + [(i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if kept[i]]
     out: dict[str, torch.Tensor] = {}
     if d.hidden > 0:
         out["hidden"] = sum(
@@ -198,6 +199,7 @@ class StudentLoss(nn.Module):
         self.student, self.maps, self.fade = student, maps, fade
         self.with_logits = with_logits
         self.correspondence: Correspondence | None = None  # once progressively slimmed
+        self.host = MasksMemo(HostMasks.of)  # what the step branches on, read once per masks
 
     def forward(
         self,
@@ -210,8 +212,10 @@ class StudentLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The unweighted loss terms; `masks.fade` must be this module's `fade`."""
         autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+        host = self.host(masks)
         with autocast:
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
                        with_logits=self.with_logits, dropout=dropout,
-                       logits_at=batch.label_index)  # fmt: skip
-        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence)
+                       logits_at=batch.label_index, host=host)  # fmt: skip
+        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence,
+                          host)  # fmt: skip

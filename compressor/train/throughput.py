@@ -24,8 +24,8 @@ class Throughput:
         self.rate, self.mfu = 0.0, None  # of the last window
 
     def add(self, attention_mask: torch.Tensor) -> tuple[int, int]:
-        """One micro-batch; returns its (sequences, length) for `add_flops`."""
-        self.tokens += int(attention_mask.sum())
+        """One micro-batch (on the host); returns its (sequences, length) for `add_flops`."""
+        self.tokens += int(attention_mask.numpy().sum())  # host data: no device read
         return tuple(attention_mask.shape)
 
     def add_flops(self, shapes: list[tuple[int, int]], widths: Shape) -> None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from inspect import signature
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,13 +93,17 @@ class Worker:
         self.current = name
 
     def one_step(self) -> None:
+        """A micro-step as the loop runs it between its log steps (a tree whose loop reads
+        nothing there takes `check=False`; an older one reads its values every step)."""
         from compressor.train.step import micro_step, prepare
 
         r, s = self.recipe, self.state
+        quiet = {"check": False} if "check" in signature(micro_step).parameters else {}
         batch = prepare(self.batch, self.teacher, r, self.step, 0).to(self.device)
         micro_step(r.distill, self.teacher, s.model, s.masks, batch, self.step,
-                   r.distill.student_dropout, r.train.precision == "bf16", 1)  # fmt: skip
-        s.learn(self.step, update=True, rank=self.current == "full")  # events left before a cut
+                   r.distill.student_dropout, r.train.precision == "bf16", 1, **quiet)  # fmt: skip
+        # events are left before the cut: the importance EMA updates
+        s.learn(self.step, update=True, rank=self.current == "full", **quiet)
         self.step += 1
 
     def measure(self, name: str, steps: int) -> dict:
