@@ -109,7 +109,7 @@ def distill(
 
             # 4. metrics, held-out discrepancy, checkpoint
             widths = state.widths()
-            meter.add_flops(shapes, widths)
+            meter.add_flops(shapes, state.masks.tensor_shape())  # what the hardware computes
             n_params = param_count(widths, teacher.vocab, pooler(state.student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
@@ -150,19 +150,19 @@ def train_micro_batches(
     identity: bool,
     meter: Throughput,
     device: torch.device,
-) -> tuple[dict[str, torch.Tensor | float], list[tuple[int, int]]]:
+) -> tuple[dict[str, torch.Tensor | float], list[tuple[int, int, int]]]:
     """Forward teacher and student on each micro-batch of this process's share of the step (all
     of them in one process; none when `identity`), backward the weighted loss; DDP averages the
     gradients on the last one. Returns the mean loss terms over the step's micro-batches (on the
     device, in float64: summed as the host summed them, read by `read_values`) and the
-    (sequences, length) of each, for the model FLOPs."""
+    (sequences, length, MLM head positions) of each, for the FLOPs (Throughput)."""
     bf16 = r.train.precision == "bf16"
     share = [] if identity else distributed.my_share(step_batches)
     terms: dict[str, torch.Tensor | float] = {"loss_total": 0.0}
     shapes = []
     for n, (micro, batch) in enumerate(share):
         batch = prepare(batch, teacher, r, step, micro)
-        shapes.append(meter.add(batch.attention_mask))
+        shapes.append(meter.add(batch))
         with distributed.syncing(state.model, sync=n == len(share) - 1):
             values = micro_step(r.distill, teacher, state.model, state.masks,
                                 batch.to(device, non_blocking=True), step,

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from compressor.data import Batch, collate, mask_tokens
+from compressor.flops import forward_flops
 from compressor.losses import HiddenMaps, StudentLoss
 from compressor.prune.masks import Masks, prune_to, zero_pruned_weights
 from compressor.recipe import DistillSpec
 from compressor.shapes import Shape
 from compressor.train.state import make_student
+from compressor.train.throughput import Throughput
 from tests.helpers import tiny_teacher
 
 TEXTS = [
@@ -149,3 +151,31 @@ def test_logits_only_at_the_labels_give_the_loss_values_of_logits_everywhere(
     assert set(new_grads) == set(old_grads)
     for k in new_grads:
         torch.testing.assert_close(new_grads[k], old_grads[k], rtol=1e-5, atol=1e-7)
+
+
+# ---- the FLOPs the logged MFU counts ----------------------------------------------------------
+
+
+def test_throughput_counts_what_the_hardware_computes(packaged_tokenizer):
+    """The student at its tensors' widths (the teacher's while masked, whatever the masks keep)
+    and the MLM head at the positions it runs at (the labels' with `label_index`, every
+    position without)."""
+    full = Shape(layers=4, hidden=64, heads=4, head_dim=16, ffn=128)
+    vocab = packaged_tokenizer.vocab_size
+    batch = collate(token_rows(packaged_tokenizer, 6, 1), packaged_tokenizer.pad_token_id)
+    masked = mask_tokens(batch, packaged_tokenizer, 0.3, torch.Generator().manual_seed(0))
+    n, t = batch.input_ids.shape
+    at = int((masked.labels != -100).sum())
+    assert 0 < at < n * t
+    for b, positions in ((masked, at), (batch, n * t)):
+        meter = Throughput(full, vocab, torch.device("cpu"))
+        shapes = [meter.add(b)]
+        assert shapes == [(n, t, positions)]
+        meter.add_flops(shapes, full)
+        encoder = 4 * forward_flops(full, t)  # teacher forward, student forward and backward
+        maps = 3 * (full.layers + 1) * 2 * t * full.hidden * full.hidden
+        head = 2 * t * full.hidden * (full.hidden + vocab)
+        assert meter.flops == pytest.approx(
+            n * (encoder + maps) + 4 * head * positions / t, rel=1e-6
+        )
+        assert meter.tokens == int(batch.attention_mask.sum())
