@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from compressor import distributed
 from compressor.bert_params import pooler
-from compressor.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from compressor.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
 from compressor.checks import check_finite_losses
 from compressor.data import Batch, Corpus
 from compressor.errors import Interrupted
@@ -80,7 +80,8 @@ def distill(
                disable=not main)  # fmt: skip
     meter = Throughput(teacher.shape, teacher.vocab.vocab if teacher.has_mlm_head else 0, device)
     unchecked = UncheckedLosses()
-    with graceful_interrupt() as interrupted:
+    writer = CheckpointWriter()  # checkpoints written while training goes on
+    with graceful_interrupt() as interrupted, waiting_for(writer):
         for step in bar:
             lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
             state.set_lr(lr)
@@ -134,8 +135,10 @@ def distill(
                 unchecked.check(step)  # an interrupt may save a step that reads nothing else
                 state.check_norms(step)
                 events_left = schedule.events_in(done, tr.steps)
-                write_checkpoint(run_dir, done, state, pruner, corpus, events_left, device)
+                write_checkpoint(run_dir, done, state, pruner, corpus, events_left, device,
+                                 writer)  # fmt: skip
             if stop:
+                writer.wait()  # on disk before the process says so
                 raise Interrupted(run_dir, True, stop, distributed.world_size())
     state.check_identical_over_ranks()
     return DistillResult(state.final_masks(), state.maps, last, state.units)
@@ -211,12 +214,14 @@ def write_checkpoint(
     corpus: Corpus,
     events_left: bool,
     device: torch.device,
+    writer: CheckpointWriter,
 ) -> None:
-    """Rank 0 writes (with every rank's random generators); the others wait. The importance EMA
-    is stored only while pruning events are left to read it."""
+    """Rank 0 writes (with every rank's random generators; on `writer`'s thread, once the last
+    write is done); the others wait until it has taken its copy. The importance EMA is stored
+    only while pruning events are left to read it."""
     rngs = distributed.gather(rng_state(device))
     if distributed.is_main():
-        save_checkpoint(run_dir, Checkpoint(
+        writer.save(run_dir, Checkpoint(
             step=next_step, **state.stored(events_left), **pruner.stored(),
             torch_rng=rngs[0]["cpu"], rank_rng=rngs, world_size=distributed.world_size(),
             data=corpus.position(next_step),
@@ -273,6 +278,18 @@ def evaluate(
             representation_cosine(mapped, t_out.hidden_states[-1], att)
         ),
     }
+
+
+@contextmanager
+def waiting_for(writer: CheckpointWriter):
+    """The checkpoint in flight is on disk when training ends; its error raised unless another
+    one is on its way."""
+    try:
+        yield
+    except BaseException:
+        writer.wait(raise_error=False)
+        raise
+    writer.wait()
 
 
 @contextmanager

@@ -1,16 +1,22 @@
 """Issue 23's faster training step computes what the step computed before: the MLM head only
 where the loss reads it (the same loss values), vectorised masking and collation (the same
-batches, bit for bit, for the same random generator)."""
+batches, bit for bit, for the same random generator); the logged MFU's FLOPs; checkpoints written
+on a background thread."""
 
 from __future__ import annotations
 
+import errno
+import threading
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from compressor import checkpoint
+from compressor.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
 from compressor.data import Batch, collate, mask_tokens
+from compressor.errors import StorageError
 from compressor.flops import forward_flops
 from compressor.losses import HiddenMaps, StudentLoss
 from compressor.prune.masks import Masks, prune_to, zero_pruned_weights
@@ -179,3 +185,48 @@ def test_throughput_counts_what_the_hardware_computes(packaged_tokenizer):
             n * (encoder + maps) + 4 * head * positions / t, rel=1e-6
         )
         assert meter.tokens == int(batch.attention_mask.sum())
+
+
+# ---- checkpoints written in the background --------------------------------------------------
+
+
+def a_checkpoint(step: int, weight: torch.Tensor) -> Checkpoint:
+    return Checkpoint(step=step, student={"w": {"dense": weight}}, maps={}, optimizer={},
+                      masks={}, importance=None, layers_chosen=False, noise_floor=None,
+                      torch_rng=torch.get_rng_state())  # fmt: skip
+
+
+def test_a_background_checkpoint_is_the_state_as_it_was_handed_over(tmp_path, monkeypatch):
+    """`save` returns while the write is still going; the training thread may then change the
+    tensors it handed over; what lands on disk is the state at `save`, checksummed."""
+    release, real = threading.Event(), checkpoint.write_payload
+
+    def slow(f, payload):
+        assert release.wait(10)
+        real(f, payload)
+
+    monkeypatch.setattr(checkpoint, "write_payload", slow)
+    writer, weight = CheckpointWriter(), torch.arange(6.0)
+    writer.save(tmp_path, a_checkpoint(3, weight))
+    assert writer.thread.is_alive() and load_checkpoint(tmp_path) is None  # not yet written
+    weight.add_(100)  # the next training step
+    release.set()
+    writer.wait()
+    loaded = load_checkpoint(tmp_path, warn=pytest.fail)
+    assert loaded.step == 3 and torch.equal(loaded.student["w"]["dense"], torch.arange(6.0))
+
+
+def test_a_failed_background_write_is_raised_by_the_next_save(tmp_path, monkeypatch):
+    writer = CheckpointWriter()
+    writer.save(tmp_path, a_checkpoint(1, torch.ones(2)))
+    writer.wait()
+
+    def full(f, payload):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_payload", full)
+    writer.save(tmp_path, a_checkpoint(2, torch.ones(2)))  # fails on its thread
+    with pytest.raises(StorageError, match="the disk is full"):
+        writer.save(tmp_path, a_checkpoint(3, torch.ones(2)))
+    assert load_checkpoint(tmp_path, warn=pytest.fail).step == 1
+    assert not list(tmp_path.glob("*.tmp"))
