@@ -22,9 +22,9 @@ from compressor.losses import HiddenMaps, StudentLoss
 from compressor.prune.masks import Masks, prune_to, zero_pruned_weights
 from compressor.recipe import DistillSpec
 from compressor.shapes import Shape
-from compressor.train.state import make_student
+from compressor.train.state import TrainingState, make_student
 from compressor.train.throughput import Throughput
-from tests.helpers import tiny_teacher
+from tests.helpers import small_recipe, tiny_teacher
 
 TEXTS = [
     "the cat sat on the mat and looked around the room",
@@ -230,3 +230,30 @@ def test_a_failed_background_write_is_raised_by_the_next_save(tmp_path, monkeypa
         writer.save(tmp_path, a_checkpoint(3, torch.ones(2)))
     assert load_checkpoint(tmp_path, warn=pytest.fail).step == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- widths known on the host ---------------------------------------------------------------
+
+
+def test_the_widths_known_on_the_host_are_the_masks_widths(packaged_tokenizer):
+    """Through pruning, layer fading and a resume (the loop reads them every step)."""
+    teacher = tiny_teacher(packaged_tokenizer, num_hidden_layers=4)
+    recipe = small_recipe()
+    cpu = torch.device("cpu")
+    state = TrainingState.start(recipe, teacher.shape, make_student(teacher), cpu)
+    assert state.widths() == state.final_masks().widths() == teacher.shape
+    s = teacher.shape
+    narrower = Shape(layers=s.layers, hidden=s.hidden // 2, heads=s.heads - 1,
+                     head_dim=s.head_dim // 2, ffn=s.ffn // 2)  # fmt: skip
+    scores = {k: torch.rand(v.shape) for k, v in state.masks.__dict__.items()}
+    pruned = prune_to(state.masks, scores, narrower)
+    state.set_masks(replace(pruned, layers=torch.tensor([True, False, True, False])))
+    for fade in (1.0, 0.4, 0.0):
+        state.fade_layers(fade)
+        assert state.widths() == state.final_masks().widths()
+    assert state.widths().layers == 2 and state.widths().hidden == s.hidden // 2
+    ckpt = Checkpoint(step=3, **state.stored(True), layers_chosen=True, noise_floor=None,
+                      torch_rng=torch.get_rng_state())  # fmt: skip
+    resumed = TrainingState.start(recipe, teacher.shape, make_student(teacher), cpu)
+    resumed.restore(ckpt, cpu)
+    assert resumed.widths() == resumed.final_masks().widths() == state.widths()

@@ -193,8 +193,8 @@ class TrainingState:
     units: Units | None = None
     model: torch.nn.Module | None = None
     wrapped: tuple[bool, torch.device] | None = None  # what `model` was built with
-    # the fade of the layers chosen for removal, as `fade_layers` last wrote it (None: unknown on
-    # the host, after a resume); with the host's view of the masks, the widths need no device read
+    # the fade of the layers chosen for removal, as `fade_layers` last wrote it or a checkpoint
+    # held it (None: unknown); with the host's view of the masks, the widths need no device read
     host_fade: float | None = 1.0
     host_masks: MasksMemo = field(default_factory=lambda: MasksMemo(HostMasks.of))
     pruned_index: MasksMemo = field(default_factory=lambda: MasksMemo(PrunedIndex.of))
@@ -378,7 +378,8 @@ class TrainingState:
         self.optimizer.load_state_dict(unpack_optimizer(ckpt.optimizer))  # moves it to the params
         with torch.no_grad():
             self.fade.copy_(masks.fade)
-        self.host_fade = None  # read from the device until `fade_layers` writes it again
+        removed = masks.fade[~masks.layers]  # every layer chosen for removal has the same fade
+        self.host_fade = float(removed[0]) if removed.numel() else 1.0
         self.set_masks(masks)
         self.importance = unpack_importance(ckpt.importance, self.importance, device)
         check_on_device(device, self)
