@@ -114,9 +114,8 @@ def distill(
             n_params = param_count(widths, teacher.vocab, pooler(state.student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
-                terms = meter.window(
-                    read_values(terms)
-                )  # each process holds its share of losses and tokens
+                # each process holds its share of losses and tokens
+                terms = meter.window(read_values(terms))
                 extra = {"identity_step": True} if identity else {}
                 if meter.mfu is not None:  # on a CUDA device of known peak
                     extra["mfu"] = round(meter.mfu, 4)
@@ -127,9 +126,9 @@ def distill(
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
                 shown = {"mfu": f"{meter.mfu:.1%}"} if meter.mfu is not None else {}
-                bar.set_postfix(loss=f"{float(terms['loss_total']):.4f}", disc=f"{ev['discrepancy']:.2e}",
-                                params=f"{n_params / 1e6:.1f}M", tok_s=f"{meter.rate:.0f}",
-                                **shown)  # fmt: skip
+                bar.set_postfix(loss=f"{float(terms['loss_total']):.4f}",
+                                disc=f"{ev['discrepancy']:.2e}", params=f"{n_params / 1e6:.1f}M",
+                                tok_s=f"{meter.rate:.0f}", **shown)  # fmt: skip
             stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
             if done % tr.checkpoint_every == 0 or stop or done == last:
                 unchecked.check(step)  # an interrupt may save a step that reads nothing else
@@ -169,7 +168,8 @@ def train_micro_batches(
         with distributed.syncing(state.model, sync=n == len(share) - 1):
             values = micro_step(r.distill, teacher, state.model, state.masks,
                                 batch.to(device, non_blocking=True), step,
-                                r.distill.student_dropout, bf16, len(share), check=False)  # fmt: skip
+                                r.distill.student_dropout, bf16, len(share),
+                                check=False)  # fmt: skip
         for k, v in values.items():
             terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v.double() / r.train.grad_accum
     return terms, shapes
