@@ -19,6 +19,7 @@ import io
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -69,10 +70,15 @@ def save_checkpoint(run_dir: Path, state: Checkpoint) -> Path:
     """Write `state`; the last checkpoint becomes the previous one. A failed write (disk full)
     removes its temporary file, leaves the earlier checkpoints as they were and raises
     StorageError."""
+    return write_snapshot(run_dir, asdict(state))  # asdict copies every tensor
+
+
+def write_snapshot(run_dir: Path, snapshot: dict[str, Any]) -> Path:
+    """`save_checkpoint` of a Checkpoint's fields as `asdict` copied them."""
     path = Path(run_dir) / CHECKPOINT_FILE
     tmp = path.with_name(path.name + CHECKPOINT_TMP_SUFFIX)
     buf = io.BytesIO()
-    torch.save(asdict(state), buf)
+    torch.save(snapshot, buf)
     payload = buf.getbuffer()
     try:
         with open(tmp, "wb") as f:
@@ -87,6 +93,42 @@ def save_checkpoint(run_dir: Path, state: Checkpoint) -> Path:
         os.replace(path, path.with_name(CHECKPOINT_PREV_FILE))
     os.replace(tmp, path)
     return path
+
+
+class CheckpointWriter:
+    """Checkpoints written on a background thread, one at a time, as atomic and checksummed as
+    `save_checkpoint` writes them: the training thread copies the state (`asdict` copies every
+    tensor) and goes on while the copy is serialised, hashed, written and synced. `wait` joins
+    the write in flight and raises what it raised (StorageError: a full disk); `save` waits for
+    the previous write first. The thread is not a daemon: a process that ends while it writes
+    finishes the write first."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, run_dir: Path, state: Checkpoint) -> None:
+        self.wait()
+        snapshot = asdict(state)
+        self.thread = threading.Thread(target=self._write, args=(run_dir, snapshot),
+                                       name="checkpoint-writer")  # fmt: skip
+        self.thread.start()
+
+    def _write(self, run_dir: Path, snapshot: dict[str, Any]) -> None:
+        try:
+            write_snapshot(run_dir, snapshot)
+        except BaseException as err:  # handed to the training thread by `wait`
+            self.error = err
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the write in flight (if any) is on disk; its error raised when `raise_error`
+        (dropped otherwise: another error is on its way)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def header(payload: memoryview) -> bytes:

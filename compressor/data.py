@@ -16,6 +16,8 @@ import csv
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,25 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] int64
     attention_mask: torch.Tensor  # [B, T] int64
     labels: torch.Tensor | None = None  # MLM labels (-100 = not masked)
+    # the flat positions (into B x T, ascending) where labels != -100, found on the host when the
+    # tokens are masked: the MLM head runs there only, with no device sync to find them
+    label_index: torch.Tensor | None = None  # [N] int64
 
-    def to(self, device: torch.device | str) -> Batch:
-        lab = self.labels.to(device) if self.labels is not None else None
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), lab)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On `device`; `non_blocking` copies from pinned host memory to a GPU without waiting
+        (the host tensors must not be written until the copy is done: batches are fresh)."""
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
+                device, non_blocking=non_blocking
+            )
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
+                     move(self.label_index))  # fmt: skip
 
 
 def package_data(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:
@@ -301,14 +318,7 @@ class Corpus:
 
     def collate(self, seqs: Sequence[Sequence[int]]) -> Batch:
         """Pad to the longest sequence of the batch (not to max_length: faster on CPU)."""
-        longest = max(len(s) for s in seqs)
-        pad = self.tok.pad_token_id or 0
-        ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            att[i, : len(s)] = 1
-        return Batch(ids, att)
+        return collate(seqs, self.tok.pad_token_id or 0)
 
     def batches(self, start_step: int) -> Iterator[list[Batch]]:
         """The micro-batches of every step from `start_step` on; never runs out."""
@@ -369,23 +379,43 @@ class Corpus:
         self.reader.restore(step, position)
 
 
+def collate(seqs: Sequence[Sequence[int]], pad: int) -> Batch:
+    """Sequences of token ids padded with `pad` to the longest of them (right padding), and their
+    attention mask; built in numpy in one pass, not row by row."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    longest = int(lengths.max())
+    att = np.arange(longest)[None, :] < lengths[:, None]
+    if bool((lengths == longest).all()):  # packed sequences: one stack
+        ids = np.asarray(seqs, dtype=np.int64).reshape(len(seqs), longest)
+    else:
+        ids = np.full((len(seqs), longest), pad, dtype=np.int64)
+        ids[att] = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    return Batch(torch.from_numpy(ids), torch.from_numpy(att.astype(np.int64)))
+
+
+@lru_cache(maxsize=8)
+def special_token_table(tokenizer: Any) -> torch.Tensor:
+    """[len(tokenizer)] bool: True at the ids the tokenizer calls special (its own
+    `get_special_tokens_mask`, asked once over the whole vocabulary)."""
+    every = list(range(len(tokenizer)))
+    mask = tokenizer.get_special_tokens_mask(every, already_has_special_tokens=True)
+    return torch.tensor(mask, dtype=torch.bool)
+
+
 def mask_tokens(
     batch: Batch, tokenizer: Any, probability: float, generator: torch.Generator
 ) -> Batch:
-    """BERT masking (80% [MASK], 10% random, 10% unchanged) of real, non-special tokens."""
-    ids = batch.input_ids.clone()
-    special = torch.tensor(
-        [
-            tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-            for row in ids.tolist()
-        ],
-        dtype=torch.bool,
-    )
-    can = batch.attention_mask.bool() & ~special
+    """BERT masking (80% [MASK], 10% random, 10% unchanged) of real, non-special tokens. The
+    random draws are, in order: which tokens, how each is replaced, the random tokens (a full
+    [B, T] draw each). Vectorised: no per-row tokenizer call, no boolean-mask writes."""
+    ids = batch.input_ids
+    can = batch.attention_mask.bool() & ~special_token_table(tokenizer)[ids]
     chosen = (torch.rand(ids.shape, generator=generator) < probability) & can
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    labels = torch.where(chosen, ids, -100)
     roll = torch.rand(ids.shape, generator=generator)
-    ids[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    masked = torch.where(chosen & (roll < 0.8), tokenizer.mask_token_id, ids)
     rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
-    ids[rand_pos] = torch.randint(len(tokenizer), ids.shape, generator=generator)[rand_pos]
-    return Batch(ids, batch.attention_mask, labels)
+    random = torch.randint(len(tokenizer), ids.shape, generator=generator)
+    masked = torch.where(rand_pos, random, masked)
+    label_index = torch.from_numpy(np.flatnonzero(chosen.numpy()))  # host data: no sync
+    return Batch(masked, batch.attention_mask, labels, label_index)

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from compressor import distributed
 from compressor.bert_params import pooler
-from compressor.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from compressor.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from compressor.checks import check_finite_losses
 from compressor.data import Batch, Corpus
 from compressor.errors import Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
@@ -35,7 +36,7 @@ from compressor.recipe import Recipe
 from compressor.shapes import param_count
 from compressor.teacher import Teacher
 from compressor.train.pruner import Pruner
-from compressor.train.state import TrainingState, rng_state, set_rng_state
+from compressor.train.state import TrainingState, rng_state, set_rng_state, window_name
 from compressor.train.step import micro_step, prepare
 from compressor.train.throughput import Throughput
 
@@ -78,7 +79,9 @@ def distill(
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
     meter = Throughput(teacher.shape, teacher.vocab.vocab if teacher.has_mlm_head else 0, device)
-    with graceful_interrupt() as interrupted:
+    unchecked = UncheckedLosses()
+    writer = CheckpointWriter()  # checkpoints written while training goes on
+    with graceful_interrupt() as interrupted, waiting_for(writer):
         for step in bar:
             lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
             state.set_lr(lr)
@@ -92,17 +95,27 @@ def distill(
             identity = state.is_teacher_copy()
             terms, shapes = train_micro_batches(r, teacher, state, next(batches), step, identity,
                                                 meter, device)  # fmt: skip
+            unchecked.add(step, terms)
+            # values are read from the device only where the step logs, evaluates or saves: the
+            # losses and gradient norms since the last such step are checked there, first
+            done = step + 1
+            reads = any(done % n == 0 for n in (tr.log_every, tr.eval_every, tr.checkpoint_every))
+            reads = reads or done in (tr.steps, last)
+            if reads:
+                unchecked.check(step)
 
             # 3. importance from this step's gradients, the optimizer step, pruned weights re-zeroed
-            state.learn(step, update=not identity, rank=schedule.events_in(step + 1, tr.steps))
+            state.learn(step, update=not identity, rank=schedule.events_in(step + 1, tr.steps),
+                        check=reads)  # fmt: skip
 
             # 4. metrics, held-out discrepancy, checkpoint
-            done, widths = step + 1, state.final_masks().widths()
-            meter.add_flops(shapes, widths)
+            widths = state.widths()
+            meter.add_flops(shapes, state.masks.tensor_shape())  # what the hardware computes
             n_params = param_count(widths, teacher.vocab, pooler(state.student) is not None,
                                    teacher.has_mlm_head)  # fmt: skip
             if done % tr.log_every == 0 or done == tr.steps:
-                terms = meter.window(terms)  # each process holds its share of losses and tokens
+                # each process holds its share of losses and tokens
+                terms = meter.window(read_values(terms))
                 extra = {"identity_step": True} if identity else {}
                 if meter.mfu is not None:  # on a CUDA device of known peak
                     extra["mfu"] = round(meter.mfu, 4)
@@ -113,14 +126,18 @@ def distill(
                               heldout, teacher_heldout)  # fmt: skip
                 log.write(ev)
                 shown = {"mfu": f"{meter.mfu:.1%}"} if meter.mfu is not None else {}
-                bar.set_postfix(loss=f"{terms['loss_total']:.4f}", disc=f"{ev['discrepancy']:.2e}",
-                                params=f"{n_params / 1e6:.1f}M", tok_s=f"{meter.rate:.0f}",
-                                **shown)  # fmt: skip
+                bar.set_postfix(loss=f"{float(terms['loss_total']):.4f}",
+                                disc=f"{ev['discrepancy']:.2e}", params=f"{n_params / 1e6:.1f}M",
+                                tok_s=f"{meter.rate:.0f}", **shown)  # fmt: skip
             stop = distributed.any_rank(interrupted())  # a signal to one process stops them all
             if done % tr.checkpoint_every == 0 or stop or done == last:
+                unchecked.check(step)  # an interrupt may save a step that reads nothing else
+                state.check_norms(step)
                 events_left = schedule.events_in(done, tr.steps)
-                write_checkpoint(run_dir, done, state, pruner, corpus, events_left, device)
+                write_checkpoint(run_dir, done, state, pruner, corpus, events_left, device,
+                                 writer)  # fmt: skip
             if stop:
+                writer.wait()  # on disk before the process says so
                 raise Interrupted(run_dir, True, stop, distributed.world_size())
     state.check_identical_over_ranks()
     return DistillResult(state.final_masks(), state.maps, last, state.units)
@@ -135,24 +152,58 @@ def train_micro_batches(
     identity: bool,
     meter: Throughput,
     device: torch.device,
-) -> tuple[dict[str, float], list[tuple[int, int]]]:
+) -> tuple[dict[str, torch.Tensor | float], list[tuple[int, int, int]]]:
     """Forward teacher and student on each micro-batch of this process's share of the step (all
     of them in one process; none when `identity`), backward the weighted loss; DDP averages the
-    gradients on the last one. Returns the mean loss terms over the step's micro-batches and the
-    (sequences, length) of each, for the model FLOPs."""
+    gradients on the last one. Returns the mean loss terms over the step's micro-batches (on the
+    device, in float64: summed as the host summed them, read by `read_values`) and the
+    (sequences, length, MLM head positions) of each, for the FLOPs (Throughput)."""
     bf16 = r.train.precision == "bf16"
     share = [] if identity else distributed.my_share(step_batches)
-    terms: dict[str, float] = {"loss_total": 0.0}
+    terms: dict[str, torch.Tensor | float] = {"loss_total": 0.0}
     shapes = []
     for n, (micro, batch) in enumerate(share):
         batch = prepare(batch, teacher, r, step, micro)
-        shapes.append(meter.add(batch.attention_mask))
+        shapes.append(meter.add(batch))
         with distributed.syncing(state.model, sync=n == len(share) - 1):
-            values = micro_step(r.distill, teacher, state.model, state.masks, batch.to(device),
-                                step, r.distill.student_dropout, bf16, len(share))  # fmt: skip
+            values = micro_step(r.distill, teacher, state.model, state.masks,
+                                batch.to(device, non_blocking=True), step,
+                                r.distill.student_dropout, bf16, len(share),
+                                check=False)  # fmt: skip
         for k, v in values.items():
-            terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v / r.train.grad_accum
+            terms[f"loss_{k}"] = terms.get(f"loss_{k}", 0.0) + v.double() / r.train.grad_accum
     return terms, shapes
+
+
+def read_values(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Device values as floats, in one read."""
+    on_device = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([values[k] for k in on_device]).tolist() if on_device else []
+    return {**values, **dict(zip(on_device, read, strict=True))}
+
+
+class UncheckedLosses:
+    """The loss terms of the steps since the last check, summed on the device (a non-finite one
+    keeps the sum non-finite): checked where the loop reads values anyway, before anything is
+    logged or saved."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first: int | None = None
+
+    def add(self, step: int, terms: dict[str, torch.Tensor | float]) -> None:
+        for k, v in terms.items():
+            if isinstance(v, torch.Tensor):
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+                self.first = step if self.first is None else self.first
+
+    def check(self, step: int) -> None:
+        if not self.sums:
+            return
+        values, first = read_values(self.sums), self.first
+        self.sums, self.first = {}, None
+        check_finite_losses(step, {window_name(k.removeprefix("loss_"), first, step): v
+                                   for k, v in values.items()})  # fmt: skip
 
 
 def write_checkpoint(
@@ -163,12 +214,14 @@ def write_checkpoint(
     corpus: Corpus,
     events_left: bool,
     device: torch.device,
+    writer: CheckpointWriter,
 ) -> None:
-    """Rank 0 writes (with every rank's random generators); the others wait. The importance EMA
-    is stored only while pruning events are left to read it."""
+    """Rank 0 writes (with every rank's random generators; on `writer`'s thread, once the last
+    write is done); the others wait until it has taken its copy. The importance EMA is stored
+    only while pruning events are left to read it."""
     rngs = distributed.gather(rng_state(device))
     if distributed.is_main():
-        save_checkpoint(run_dir, Checkpoint(
+        writer.save(run_dir, Checkpoint(
             step=next_step, **state.stored(events_left), **pruner.stored(),
             torch_rng=rngs[0]["cpu"], rank_rng=rngs, world_size=distributed.world_size(),
             data=corpus.position(next_step),
@@ -225,6 +278,18 @@ def evaluate(
             representation_cosine(mapped, t_out.hidden_states[-1], att)
         ),
     }
+
+
+@contextmanager
+def waiting_for(writer: CheckpointWriter):
+    """The checkpoint in flight is on disk when training ends; its error raised unless another
+    one is on its way."""
+    try:
+        yield
+    except BaseException:
+        writer.wait(raise_error=False)
+        raise
+    writer.wait()
 
 
 @contextmanager

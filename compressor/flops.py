@@ -45,29 +45,37 @@ def encoder_flops(s: Shape, seq: int) -> int:
     return s.layers * per_layer
 
 
-def forward_flops(s: Shape, seq: int, mlm_vocab: int = 0) -> int:
+def forward_flops(s: Shape, seq: int, mlm_vocab: int = 0, mlm_share: float = 1.0) -> int:
     """FLOPs of one sequence through the encoder and, when `mlm_vocab` > 0, an MLM head over a
-    vocabulary of that size."""
+    vocabulary of that size at `mlm_share` of the positions (1: every position; the training
+    step runs it only where the loss reads it, the masked share)."""
     head = 2 * seq * s.hidden * s.hidden + 2 * seq * s.hidden * mlm_vocab if mlm_vocab else 0
-    return encoder_flops(s, seq) + head
+    return encoder_flops(s, seq) + (head if mlm_share == 1 else round(head * mlm_share))
 
 
-def step_flops(teacher: Shape, student: Shape, seq: int, mlm_vocab: int = 0) -> int:
+def step_flops(
+    teacher: Shape, student: Shape, seq: int, mlm_vocab: int = 0, mlm_share: float = 1.0
+) -> int:
     """Model FLOPs of one distillation step on one sequence of `seq` tokens (module docstring)."""
     maps = (teacher.layers + 1) * 2 * seq * student.hidden * teacher.hidden
     return (
-        3 * forward_flops(student, seq, mlm_vocab)
+        3 * forward_flops(student, seq, mlm_vocab, mlm_share)
         + 3 * maps
-        + forward_flops(teacher, seq, mlm_vocab)
+        + forward_flops(teacher, seq, mlm_vocab, mlm_share)
     )
 
 
 def budget_flops(
-    teacher: Shape, runs: list[tuple[Shape, int]], sequences: int, seq: int, mlm_vocab: int = 0
+    teacher: Shape,
+    runs: list[tuple[Shape, int]],
+    sequences: int,
+    seq: int,
+    mlm_vocab: int = 0,
+    mlm_share: float = 1.0,
 ) -> int:
     """Model FLOPs of a whole run of `sequences` sequences a step, the student at the widths of
     each run of steps (schedule.width_runs: the schedule's width curve)."""
-    return sequences * sum(n * step_flops(teacher, w, seq, mlm_vocab) for w, n in runs)
+    return sequences * sum(n * step_flops(teacher, w, seq, mlm_vocab, mlm_share) for w, n in runs)
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.arch import architecture_for
-from compressor.prune.masks import Masks
+from compressor.prune.masks import HostMasks, Masks
 
 
 @dataclass
@@ -63,7 +63,13 @@ def encode(
     token_type_ids: torch.Tensor | None = None,
     with_logits: bool = False,
     dropout: float = 0.0,
+    logits_at: torch.Tensor | None = None,
+    host: HostMasks | None = None,
 ) -> EncoderOutput:
+    """The encoder's outputs under `masks` (module docstring). With `logits_at` (flat positions
+    into [B x T]) the MLM head runs at those positions only and the logits are [N, V] (the rows of
+    the [B, T, V] logits at them, in that order); without, at every position. `host`:
+    `HostMasks.of(masks)`, kept by a caller that runs many steps (read here otherwise)."""
     arch = architecture_for(model)
     cfg = model.config
     act = arch.activation(cfg)
@@ -77,7 +83,9 @@ def encode(
 
     emb = arch.embeddings(model)
     hid = masks.hidden if masks is not None else None
-    all_hidden = masks is None or bool(hid.all())
+    if masks is not None and host is None:
+        host = HostMasks.of(masks)
+    all_hidden = masks is None or host.all_hidden
     hmask = None if all_hidden else hid.to(emb.word.weight.dtype)
 
     def keep_hidden(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +130,7 @@ def encode(
         y = masked_layer_norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln, hid, all_hidden)
         if masks is not None:
             g = masks.fade[i]
-            if not bool(masks.layers[i]):
+            if not host.layers[i]:
                 y = x + g * (y - x)  # fading out: fade 0 makes the layer the identity
             elif g.requires_grad:
                 y = y + (g - g.detach()) * (y - x)  # same value, but dL/dfade for ranking
@@ -133,6 +141,8 @@ def encode(
     logits = None
     head = arch.mlm_head(model)
     if with_logits and head is not None:
+        if logits_at is not None:
+            x = x.reshape(bsz * seq, -1).index_select(0, logits_at)
         z = masked_layer_norm(keep_hidden(head.act(head.dense(x))), head.ln, hid, all_hidden)
         logits = head.decoder(z)
     return EncoderOutput(hidden_states, attentions, logits)

@@ -12,7 +12,7 @@ from torch import nn
 
 from compressor.data import Batch
 from compressor.forward import EncoderOutput, encode, mean_pool
-from compressor.prune.masks import Masks
+from compressor.prune.masks import HostMasks, Masks, MasksMemo
 from compressor.recipe import DistillSpec
 
 
@@ -116,12 +116,15 @@ def similarity_mse(
 def prediction_kl(
     teacher_logits: torch.Tensor,
     student_logits: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     temperature: float,
 ) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of MLM predictions at the selected positions [B, T] (bool)."""
-    t = (teacher_logits[positions].float() / temperature).log_softmax(-1)
-    s = (student_logits[positions].float() / temperature).log_softmax(-1)
+    """T^2 * KL(teacher || student) of MLM predictions at the selected positions [B, T] (bool);
+    None: the logits [N, V] are those positions' already (forward.encode `logits_at`)."""
+    if positions is not None:
+        teacher_logits, student_logits = teacher_logits[positions], student_logits[positions]
+    t = (teacher_logits.float() / temperature).log_softmax(-1)
+    s = (student_logits.float() / temperature).log_softmax(-1)
     if t.shape[0] == 0:
         return student_logits.sum() * 0.0
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
@@ -147,17 +150,18 @@ def loss_terms(
     masks: Masks,
     batch: Batch,
     correspondence: Correspondence | None = None,
+    host: HostMasks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each loss term, unweighted. Layers being removed are left out of the layer-wise terms.
     `correspondence` names the teacher's layer and heads of each of the student's layers (a
-    progressively slimmed student); None: the student has the teacher's layers and heads."""
+    progressively slimmed student); None: the student has the teacher's layers and heads.
+    `host`: `HostMasks.of(masks)` when the caller keeps it (no device read per layer)."""
     att = batch.attention_mask
     c = correspondence
     teacher_layer = c.layers if c is not None else range(masks.layers.numel())
+    kept = host.layers if host is not None else [bool(k) for k in masks.layers]
     # (student state, teacher state): the embeddings, then each layer that stays
-    mapped = [(0, 0)] + [
-        (i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if bool(masks.layers[i])
-    ]
+    mapped = [(0, 0)] + [(i + 1, t_i + 1) for i, t_i in enumerate(teacher_layer) if kept[i]]
     out: dict[str, torch.Tensor] = {}
     if d.hidden > 0:
         out["hidden"] = sum(
@@ -175,11 +179,14 @@ def loss_terms(
             for i, j in layers
         ) / max(1, len(layers))
     if s.logits is not None and t.logits is not None:
+        # logits [N, V] at batch.label_index only (train/step.py), or [B, T, V] everywhere
+        at_labels = s.logits.ndim == 2
+        labels = batch.labels.flatten()[batch.label_index] if at_labels else batch.labels
         if d.prediction > 0:
-            positions = batch.labels != -100
+            positions = None if at_labels else batch.labels != -100
             out["prediction"] = prediction_kl(t.logits, s.logits, positions, d.temperature)
         if d.mlm > 0:
-            out["mlm"] = mlm_cross_entropy(s.logits, batch.labels)
+            out["mlm"] = mlm_cross_entropy(s.logits, labels)
     else:
         last = len(t.hidden_states) - 1
         if d.prediction > 0:
@@ -220,6 +227,7 @@ class StudentLoss(nn.Module):
         self.student, self.maps, self.fade = student, maps, fade
         self.with_logits = with_logits
         self.correspondence: Correspondence | None = None  # once progressively slimmed
+        self.host = MasksMemo(HostMasks.of)  # what the step branches on, read once per masks
 
     def forward(
         self,
@@ -232,7 +240,10 @@ class StudentLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The unweighted loss terms; `masks.fade` must be this module's `fade`."""
         autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+        host = self.host(masks)
         with autocast:
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
-                       with_logits=self.with_logits, dropout=dropout)  # fmt: skip
-        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence)
+                       with_logits=self.with_logits, dropout=dropout,
+                       logits_at=batch.label_index, host=host)  # fmt: skip
+        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence,
+                          host)  # fmt: skip

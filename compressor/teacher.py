@@ -44,10 +44,10 @@ class Teacher:
     def vocab(self) -> Vocab:
         return Vocab.of_config(self.model.config)
 
-    def encode(self, batch: Any, bf16: bool = False) -> Any:
+    def encode(self, batch: Any, bf16: bool = False, logits_at: Any = None) -> Any:
         """The teacher's outputs on `batch` (input_ids, attention_mask), without gradients:
-        hidden states, attentions and, with an MLM head, logits (forward.EncoderOutput); under
-        bf16 autocast when asked."""
+        hidden states, attentions and, with an MLM head, logits (forward.EncoderOutput; at the
+        flat positions `logits_at` only when given); under bf16 autocast when asked."""
         import torch
 
         from compressor.forward import encode
@@ -55,7 +55,8 @@ class Teacher:
         ids = batch.input_ids
         autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16)
         with torch.no_grad(), autocast:
-            return encode(self.model, ids, batch.attention_mask, with_logits=self.has_mlm_head)
+            return encode(self.model, ids, batch.attention_mask, with_logits=self.has_mlm_head,
+                          logits_at=logits_at)  # fmt: skip
 
 
 def nudged(teacher: Teacher, relative: float, seed: int = 123) -> Teacher:

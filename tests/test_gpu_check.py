@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-FIELDS = ["tokens_per_s", "peak_memory", "mfu", "step0_identity_max_abs_fp32",
+FIELDS = ["tokens_per_s", "projected_full_budget_hours", "peak_memory", "mfu", "step0_identity_max_abs_fp32",
           "step0_identity_max_abs_bf16", "masked_vs_slim_max_abs_fp32",
           "masked_vs_slim_max_abs_bf16", "onnx_cpu_max_abs", "onnx_cuda", "passed"]  # fmt: skip
 

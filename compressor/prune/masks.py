@@ -155,53 +155,116 @@ def greedy_layer_removal(
     return kept, rounds
 
 
+@dataclass(frozen=True)
+class PrunedIndex:
+    """The pruned entries of masks as index tensors on the masks' device (found once per change
+    of the masks): zeroing them is index writes, where boolean-mask writes would each find their
+    entries anew (a device sync each, some 280 a step at BERT-base depth)."""
+
+    hidden: torch.Tensor  # dead hidden dims
+    qk: list[torch.Tensor]  # per layer: the dead rows of Q and K (a dead head's rows included)
+    vo: list[torch.Tensor]  # per layer: the dead rows of V, columns of O
+    ffn: list[torch.Tensor]  # per layer: the dead FFN neurons
+    heads: torch.Tensor  # the heads no layer keeps (a family's shared relative bias)
+
+    @classmethod
+    def of(cls, m: Masks) -> PrunedIndex:
+        def dead(alive: torch.Tensor) -> torch.Tensor:
+            return (~alive).nonzero().flatten()
+
+        layers = range(m.heads.shape[0])
+        return cls(
+            hidden=dead(m.hidden),
+            qk=[dead(m.qk_rows(i)) for i in layers],
+            vo=[dead(m.vo_rows(i)) for i in layers],
+            ffn=[dead(m.ffn[i]) for i in layers],
+            heads=dead(m.heads.any(0)),
+        )
+
+    @property
+    def nothing(self) -> bool:
+        """True when nothing is pruned (no write to do)."""
+        return all(t.numel() == 0 for t in (self.hidden, self.heads, *self.qk, *self.vo, *self.ffn))
+
+
 @torch.no_grad()
-def zero_pruned_weights(model: nn.Module, m: Masks) -> None:
-    """Write zeros into every pruned weight, so the optimizer's momentum cannot revive it."""
-    h = m.hidden
+def zero_pruned_weights(model: nn.Module, m: Masks, index: PrunedIndex | None = None) -> None:
+    """Write zeros into every pruned weight, so the optimizer's momentum cannot revive it.
+    `index`: `PrunedIndex.of(m)`, when the caller keeps it (found here otherwise)."""
+    ix = index if index is not None else PrunedIndex.of(m)
+    if ix.nothing:
+        return
+    h = ix.hidden
     arch = architecture_for(model)
     emb = arch.embeddings(model)
     for e in emb.tables():
-        e.weight[:, ~h] = 0
+        e.weight.index_fill_(1, h, 0)
     _zero_ln(emb.ln, h)
     for i in range(m.heads.shape[0]):
         t = arch.layer(model, i)
-        qk, vo, f = m.qk_rows(i), m.vo_rows(i), m.ffn[i]
+        qk, vo, f = ix.qk[i], ix.vo[i], ix.ffn[i]
         for lin, rows in ((t.q, qk), (t.k, qk), (t.v, vo)):
-            lin.weight[~rows] = 0
-            lin.bias[~rows] = 0
-            lin.weight[:, ~h] = 0
-        t.o.weight[:, ~vo] = 0
-        t.o.weight[~h] = 0
-        t.o.bias[~h] = 0
-        t.inter.weight[~f] = 0
-        t.inter.bias[~f] = 0
-        t.inter.weight[:, ~h] = 0
-        t.out.weight[:, ~f] = 0
-        t.out.weight[~h] = 0
-        t.out.bias[~h] = 0
+            _zero_rows(lin, rows)
+            lin.weight.index_fill_(1, h, 0)
+        t.o.weight.index_fill_(1, vo, 0)
+        _zero_rows(t.o, h)
+        _zero_rows(t.inter, f)
+        t.inter.weight.index_fill_(1, h, 0)
+        t.out.weight.index_fill_(1, f, 0)
+        _zero_rows(t.out, h)
         _zero_ln(t.attn_ln, h)
         _zero_ln(t.out_ln, h)
     bias = arch.relative_bias(model)
     if bias is not None:  # a head no layer keeps
-        bias.weight[:, ~m.heads.any(0)] = 0
+        bias.weight.index_fill_(1, ix.heads, 0)
     p = arch.pooler(model)
     if p is not None:
-        p.weight[~h] = 0
-        p.weight[:, ~h] = 0
-        p.bias[~h] = 0
+        _zero_rows(p, h)
+        p.weight.index_fill_(1, h, 0)
     head = arch.mlm_head(model)
     if head is not None:
-        d = head.dense
-        d.weight[~h] = 0
-        d.weight[:, ~h] = 0
-        d.bias[~h] = 0
+        _zero_rows(head.dense, h)
+        head.dense.weight.index_fill_(1, h, 0)
         _zero_ln(head.ln, h)
 
 
-def _zero_ln(ln: nn.LayerNorm, keep: torch.Tensor) -> None:
-    ln.weight[~keep] = 0
-    ln.bias[~keep] = 0
+def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight.index_fill_(0, rows, 0)
+    lin.bias.index_fill_(0, rows, 0)
+
+
+def _zero_ln(ln: nn.LayerNorm, dead: torch.Tensor) -> None:
+    ln.weight.index_fill_(0, dead, 0)
+    ln.bias.index_fill_(0, dead, 0)
+
+
+@dataclass(frozen=True)
+class HostMasks:
+    """What a training step branches on, read from the device once per change of the masks (in a
+    step, reading a mask on the host would wait for the device)."""
+
+    all_hidden: bool
+    layers: tuple[bool, ...]  # False: chosen for removal
+    widths: Shape  # Masks.widths with every layer counted (the fade is the host's to know)
+
+    @classmethod
+    def of(cls, m: Masks) -> HostMasks:
+        every = replace(m, fade=torch.ones_like(m.fade)).widths()
+        return cls(bool(m.hidden.all()), tuple(bool(k) for k in m.layers.tolist()), every)
+
+
+class MasksMemo:
+    """`fn(masks)`, computed again only when the masks are other tensors: masks are replaced,
+    never written in place (only `fade` is, and it is not part of the key)."""
+
+    def __init__(self, fn: Callable[[Masks], Any]):
+        self.fn, self.key, self.value = fn, None, None
+
+    def __call__(self, m: Masks) -> Any:
+        key = (m.hidden, m.heads, m.qk, m.vo, m.ffn, m.layers)
+        if self.key is None or any(a is not b for a, b in zip(self.key, key, strict=True)):
+            self.key, self.value = key, self.fn(m)
+        return self.value
 
 
 def spanned_shape(m: Masks | Any) -> Shape:

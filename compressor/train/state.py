@@ -20,7 +20,7 @@ checkpoint, bit for bit. Stored is only what the rest of the run can read:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from compressor.checks import check_finite_losses
 from compressor.errors import CheckFailed
 from compressor.losses import Correspondence, HiddenMaps, StudentLoss
 from compressor.prune.importance import EmaState, update_state
-from compressor.prune.masks import Masks, zero_pruned_weights
+from compressor.prune.masks import HostMasks, Masks, MasksMemo, PrunedIndex, zero_pruned_weights
 from compressor.prune.progressive import (
     Units,
     cut_importance,
@@ -193,6 +193,14 @@ class TrainingState:
     units: Units | None = None
     model: torch.nn.Module | None = None
     wrapped: tuple[bool, torch.device] | None = None  # what `model` was built with
+    # the fade of the layers chosen for removal, as `fade_layers` last wrote it or a checkpoint
+    # held it (None: unknown); with the host's view of the masks, the widths need no device read
+    host_fade: float | None = 1.0
+    host_masks: MasksMemo = field(default_factory=lambda: MasksMemo(HostMasks.of))
+    pruned_index: MasksMemo = field(default_factory=lambda: MasksMemo(PrunedIndex.of))
+    # the gradient norms summed since they were last checked (learn), and the first such step
+    unchecked_norm: torch.Tensor | None = None
+    unchecked_since: int | None = None
 
     @classmethod
     def start(
@@ -227,9 +235,19 @@ class TrainingState:
         """The layers chosen for removal take fade `value`; the others stay at 1."""
         with torch.no_grad():
             self.fade.copy_(torch.where(self.masks.layers, 1.0, value))
+        self.host_fade = float(value)
 
     def final_masks(self) -> Masks:
         return replace(self.masks, fade=self.fade.detach())
+
+    def widths(self) -> Shape:
+        """`final_masks().widths()`, known on the host: the masks' widths are read once per
+        change of the masks, the layers chosen for removal count while their fade is not 0."""
+        if self.host_fade is None:
+            return self.final_masks().widths()
+        h = self.host_masks(self.masks)
+        removed = h.layers.count(False) if self.host_fade == 0 else 0
+        return replace(h.widths, layers=len(h.layers) - removed)
 
     def is_teacher_copy(self) -> bool:
         """True while the student is still exactly its teacher and every loss term is at its
@@ -264,11 +282,13 @@ class TrainingState:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def learn(self, step: int, update: bool, rank: bool) -> None:
+    def learn(self, step: int, update: bool, rank: bool, check: bool = True) -> None:
         """After the micro-steps' backward passes: importance from this step's gradients
         (dL/dtheta, before clipping; only while `rank`: a pruning event is left to read it),
         clipping, the optimizer step (when `update`: a student that still is its teacher learns
-        nothing); then the gradients cleared and the pruned weights re-zeroed."""
+        nothing); then the gradients cleared and the pruned weights re-zeroed. The gradient norm
+        is checked for finiteness (with those of the steps since the last check) when `check`;
+        otherwise nothing is read from the device (`check_norms` before anything is saved)."""
         p, tr = self.recipe.pruning, self.recipe.train
         if update:
             params = self.params
@@ -276,10 +296,23 @@ class TrainingState:
                 update_state(self.importance, {**params, FADE: self.fade}, p.importance, p.beta1,
                              p.beta2)  # fmt: skip
             norm = clip_grad_norm_([*params.values(), *self.maps.parameters()], tr.max_grad_norm)
-            check_finite_losses(step, {"gradient norm": float(norm)})
+            if self.unchecked_norm is None:
+                self.unchecked_norm, self.unchecked_since = norm.detach(), step
+            else:
+                self.unchecked_norm = self.unchecked_norm + norm.detach()
+            if check:
+                self.check_norms(step)
             self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        zero_pruned_weights(self.student, self.masks)
+        zero_pruned_weights(self.student, self.masks, self.pruned_index(self.masks))
+
+    def check_norms(self, step: int) -> None:
+        """Stop at a non-finite gradient norm among those not yet checked (one device read)."""
+        if self.unchecked_norm is None:
+            return
+        value, first = float(self.unchecked_norm), self.unchecked_since
+        self.unchecked_norm = self.unchecked_since = None
+        check_finite_losses(step, {window_name("gradient norm", first, step): value})
 
     def cut(self, cut: Units) -> None:
         """Cut the kept units out of everything that holds the student's units (progressive.py):
@@ -345,6 +378,8 @@ class TrainingState:
         self.optimizer.load_state_dict(unpack_optimizer(ckpt.optimizer))  # moves it to the params
         with torch.no_grad():
             self.fade.copy_(masks.fade)
+        removed = masks.fade[~masks.layers]  # every layer chosen for removal has the same fade
+        self.host_fade = float(removed[0]) if removed.numel() else 1.0
         self.set_masks(masks)
         self.importance = unpack_importance(ckpt.importance, self.importance, device)
         check_on_device(device, self)
@@ -355,6 +390,12 @@ class TrainingState:
         distributed.check_identical(
             weights, "the student's weights and maps at the end of training"
         )
+
+
+def window_name(name: str, first: int, step: int) -> str:
+    """A value's name in a divergence report: summed over steps first..step when they are more
+    than one (read from the device only when the loop logs or saves)."""
+    return name if first >= step else f"{name} (summed over steps {first}..{step})"
 
 
 def make_student(teacher: Teacher, init: str = "teacher", seed: int = 0) -> torch.nn.Module:

@@ -32,16 +32,20 @@ def micro_step(
     dropout: float = 0.0,
     bf16: bool = False,
     share: int = 1,
-) -> dict[str, float]:
+    check: bool = True,
+) -> dict[str, torch.Tensor]:
     """Forward teacher and student on one micro-batch, backward the weighted loss divided by
     `share` (the micro-batches its gradients are averaged over). `model` is the training state's
     StudentLoss (under DDP: every backward goes through DDP's forward); `masks.fade` must be its
-    fade. Returns each term and the total; a non-finite one stops training before anything
-    learns from it."""
-    t_out = teacher.encode(batch, bf16)
+    fade. Returns each term and the total (detached, on the device). With `check`, a non-finite
+    one stops training before anything learns from it; without, nothing is read from the device
+    (the training loop checks its window of steps before anything is logged or saved:
+    distill.py)."""
+    t_out = teacher.encode(batch, bf16, logits_at=batch.label_index)  # the head where labels are
     losses = model(d, t_out, masks, batch, dropout, bf16)
     total = weighted_total(d, losses)
-    values = {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach())}
-    check_finite_losses(step, values)
+    values = {**{k: v.detach() for k, v in losses.items()}, "total": total.detach()}
+    if check:
+        check_finite_losses(step, {k: float(v) for k, v in values.items()})
     (total / share).backward()
     return values

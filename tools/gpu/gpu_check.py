@@ -8,8 +8,10 @@ tokens) in bf16, for a few hundred steps, then slimmed, exported to ONNX and ver
 On a machine without network, tools/gpu/gpu_check.sh runs it with the wheels and files that
 tools/gpu/gpu_check_pack.sh gathered. Prints one `field: value` line per result, writes them to
 OUT/gpu_check.json, and exits 3 when a check fails:
-  tokens/s (median over the logged training records), peak memory, MFU (model FLOPs, flops.py;
-  CUDA devices of known peak only), the step-0 identity (fp32, the pipeline's check) and again
+  tokens/s (median over the logged training records), the hours the full budget of
+  recipes/bert-base-to-6L384.yaml would take at this check's mean seconds per token (an upper
+  bound: one micro-batch per optimizer step), peak memory, MFU (the FLOPs the hardware computes,
+  flops.py; CUDA devices of known peak only), the step-0 identity (fp32, the pipeline's check) and again
   under bf16 autocast, masked == slimmed (fp32 on the trained student, the pipeline's check) and
   again under bf16 autocast (the teacher cut to the target shape, masked forward vs the slim
   model), the ONNX export verified on onnxruntime's CPU provider, and on its CUDA provider when
@@ -140,8 +142,16 @@ def throughput(run_dir: Path, device: str) -> dict[str, object]:
         )
     else:  # ru_maxrss is in KiB on Linux
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    full = load_recipe(RECIPE)
+    full_tokens = full.train.steps * full.train.batch_size * full.train.grad_accum
+    full_tokens *= full.data.max_length
+    # the check's schedule is the recipe's squeezed (pruning over the first half, as there), so
+    # its records' mean seconds per token is the whole run's; an upper bound: one micro-batch per
+    # optimizer step here, grad_accum of them in the recipe
+    per_token = statistics.fmean(1 / r["tokens_per_s"] for r in trained)
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained),
+        "projected_full_budget_hours": round(full_tokens * per_token / 3600, 2),
         "peak_memory": peak,
         "mfu": statistics.median(mfu) if mfu else f"n/a ({mfu_absent(device)})",
         "mfu_max": max(mfu) if mfu else "n/a",  # near the full width, before the student shrinks

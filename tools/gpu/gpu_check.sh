@@ -7,9 +7,10 @@
 # Installs the packed wheels into /tmp/gpu-check-site, put first on PYTHONPATH (the machine's own
 # CUDA torch stays; a venv would lose it where python3 is itself a venv), then runs
 # tools/gpu/gpu_check.py on the GPU within 8 minutes: a random BERT-base BertForMaskedLM to 6L/384H
-# at the recipe's micro-batch in bf16. Prints tokens/s, peak memory, MFU, the step-0 identity and
-# masked == slimmed (fp32 and bf16), the ONNX verification (CPU provider; CUDA provider if
-# installed). The run directory goes to /tmp/gpu-check; the reports also to $OUT when it is set.
+# at the recipe's micro-batch in bf16. Prints tokens/s, the projected hours of the full budget, peak
+# memory, MFU, the step-0 identity and masked == slimmed (fp32 and bf16), the ONNX verification
+# (CPU provider; CUDA provider if installed). The run directory goes to /tmp/gpu-check; the
+# reports also to $OUT when it is set.
 # Exit 0: every check passed; 3: a check failed; 124: out of time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
