@@ -411,3 +411,15 @@ def test_st_distill_refuses_too_few_texts_for_its_projection(tmp_path, packaged_
     with pytest.raises(RecipeError, match="needs at least 32 training texts"):
         st_distill(st_recipe(steps=2), tmp_path, teacher=small_teacher(packaged_tokenizer))
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.glob("*/*"))
+
+
+def test_cli_baselines_needs_something_to_score_on(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli.main import main
+
+    args = ["baselines", str(RECIPES / "compare-minilm-4L256.yaml"), "--mteb", "", "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "give --mteb or --tasks" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
