@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,12 @@ def run_task(model, task) -> tuple[float, dict[str, float], float]:
     # own generators: reseed them so that every encoder is scored on the same samples
     task.rng_state, task.np_rng = _set_seed(task.seed)
     start = time.perf_counter()
-    result = mteb.evaluate(model, task, cache=None, show_progress_bar=False,
-                           encode_kwargs={"batch_size": 32})  # fmt: skip
+    # mteb's own calls of deprecated APIs warn: nothing a user can act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        result = mteb.evaluate(model, task, cache=None, show_progress_bar=False,
+                               encode_kwargs={"batch_size": 32})  # fmt: skip
     task_result = result.task_results[0]
     raw = task_result.scores[SPLIT][0]
     return float(raw["main_score"]), score_dict(raw), time.perf_counter() - start
