@@ -45,6 +45,7 @@ from compressor.rundir import (
     read_summary,
 )
 from compressor.stats import over_seeds, paired_difference
+from compressor.zoo.mteb_scores import MODE, category_summary, retention
 
 # what each variant changes in the recipe (HomoDistil is the recipe itself)
 ONE_SHOT = {"schedule": "one_shot", "start_step": 0}
@@ -219,21 +220,15 @@ def mteb_cell(record: dict) -> dict:
             "student": record["student"]["mean"], "teacher": record["teacher"]["mean"]}  # fmt: skip
 
 
-def category_means(cells: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Per category (sorted), then over all tasks: the mean main score of student and teacher
-    and the mean of the tasks' retentions (student / teacher, percent)."""
-    groups: dict[str, list[dict]] = {}
-    for c in cells.values():
-        groups.setdefault(c["category"], []).append(c)
-    named = [(k, groups[k]) for k in sorted(groups)] + [(AVERAGE, list(cells.values()))]
-    return {
-        k: {
-            "student": statistics.fmean(c["student"] for c in cs),
-            "teacher": statistics.fmean(c["teacher"] for c in cs),
-            "retention": statistics.fmean(100.0 * c["student"] / c["teacher"] for c in cs),
-        }
-        for k, cs in named
-    }
+def category_means(cells: dict[str, dict]) -> dict[str, dict]:
+    """Per category, then over all tasks (`average`): the mean main score of student and teacher
+    and the mean of the tasks' retentions (percent), as the zoo summarises an entry's records."""
+    records = [{"task": t, "mode": MODE, "category": c["category"],
+                "student": {"mean": c["student"]}, "teacher": {"mean": c["teacher"]},
+                "retention": retention(c["student"], c["teacher"])}
+               for t, c in cells.items()]  # fmt: skip
+    rows = {row["category"]: row for row in category_summary(records)}
+    return rows if AVERAGE in rows else {**rows, AVERAGE: next(iter(rows.values()))}
 
 
 def mteb_aggregate(rows: list[dict]) -> dict:
