@@ -130,13 +130,6 @@ def st_distill(recipe: Recipe, output: Path, teacher: Teacher | None = None) -> 
 
 
 def _train(recipe: Recipe, run_dir: Path, teacher: Teacher | None) -> RunResult:
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.sentence_transformer import losses
-
     started, tr, data = time.time(), recipe.train, recipe.data
     (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     if tr.threads:
@@ -166,65 +159,19 @@ def _train(recipe: Recipe, run_dir: Path, teacher: Teacher | None) -> RunResult:
                                     attention_mask=heldout.attention_mask).last_hidden_state,
                               heldout.attention_mask)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="st-distill-") as tmp:
-        save_slim_model(slim(model, plan), tok, st_files, Path(tmp) / "student")
-        save_slim_model(model, tok, st_files, Path(tmp) / "teacher")
         kind = device.type if device.type in ("cpu", "cuda") else "cpu"
-        student = SentenceTransformer(str(Path(tmp) / "student"), device=kind)
-        teacher_st = SentenceTransformer(str(Path(tmp) / "teacher"), device=kind)
-        student.max_seq_length = teacher_st.max_seq_length = data.max_length
-
-        explained = 1.0
-        s_dim = student.get_embedding_dimension()
-        if s_dim < teacher_st.get_embedding_dimension():
-            dense, explained = down_projection(teacher_st, texts, s_dim, tr.seed)
-            teacher_st.add_module("dense", dense)
-        labels = torch.as_tensor(teacher_st.encode(texts, batch_size=ENCODE_BATCH,
-                                                   convert_to_numpy=True))  # fmt: skip
+        student, teacher_st = sentence_models(model, plan, tok, st_files, Path(tmp), kind,
+                                              data.max_length)  # fmt: skip
+        labels, explained = teacher_targets(teacher_st, student, texts, tr.seed)
         probe = slice(0, min(MSE_TEXTS, len(texts)))
         mse_before = embedding_mse(student, texts[probe], labels[probe])
-
-        from datasets import Dataset
-
-        dataset = Dataset.from_dict({"sentence": texts, "label": labels.tolist()})
-        args = SentenceTransformerTrainingArguments(
-            output_dir=str(Path(tmp) / "trainer"),
-            max_steps=tr.steps,
-            per_device_train_batch_size=tr.batch_size,
-            gradient_accumulation_steps=tr.grad_accum,
-            learning_rate=tr.lr,
-            lr_scheduler_type="linear",
-            warmup_steps=tr.warmup_steps,
-            weight_decay=tr.weight_decay,
-            adam_beta1=tr.adam_betas[0],
-            adam_beta2=tr.adam_betas[1],
-            adam_epsilon=tr.adam_eps,
-            max_grad_norm=tr.max_grad_norm,
-            seed=tr.seed,
-            data_seed=tr.seed,
-            use_cpu=kind == "cpu",
-            batch_sampler=in_order,
-            logging_steps=tr.log_every,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        loss = losses.MSELoss(model=student)
-        metrics = MetricsLog(run_dir, resume_step=0)
-        curve = _curve_callback(student, heldout, t_heldout, metrics, tr.eval_every, tr.steps)
-        trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset,
-                                             loss=loss, callbacks=[curve])  # fmt: skip
-        trainer.train()
+        loss, trainer = fit(student, texts, labels, recipe, run_dir, (heldout, t_heldout),
+                            Path(tmp) / "trainer", kind)  # fmt: skip
         mse_after = embedding_mse(student, texts[probe], labels[probe])
         slim_model = student[0].auto_model.cpu().eval()
         save_slim_model(slim_model, tok, st_files, run_dir / MODEL_DIR)
-        reloaded = SentenceTransformer(str(run_dir / MODEL_DIR), device="cpu")
-        reloaded.max_seq_length = data.max_length
-        reload_diff = float(
-            (reloaded.encode(corpus.heldout_texts, convert_to_tensor=True).cpu()
-             - student.encode(corpus.heldout_texts, convert_to_tensor=True).cpu()).abs().max()
-        )  # fmt: skip
+        reload_diff = reload_max_abs(student, run_dir / MODEL_DIR, corpus.heldout_texts,
+                                     data.max_length)  # fmt: skip
     n_params = check_param_count(slim_model, plan.shape, teacher.vocab, teacher.has_mlm_head)
     record = {
         "recipe": "sentence-transformers examples/sentence_transformer/training/distillation",
@@ -261,6 +208,92 @@ def _train(recipe: Recipe, run_dir: Path, teacher: Teacher | None) -> RunResult:
     )
     write_summary(run_dir, summary)
     return RunResult(run_dir, summary.to_dict())
+
+
+def sentence_models(model, plan: PrunePlan, tok, st_files, tmp: Path, kind: str, max_length: int):
+    """The student (the teacher sliced by `plan`) and the teacher as sentence-transformers
+    models, with the teacher's pooling and normalisation files."""
+    from sentence_transformers import SentenceTransformer
+
+    save_slim_model(slim(model, plan), tok, st_files, tmp / "student")
+    save_slim_model(model, tok, st_files, tmp / "teacher")
+    student = SentenceTransformer(str(tmp / "student"), device=kind)
+    teacher_st = SentenceTransformer(str(tmp / "teacher"), device=kind)
+    student.max_seq_length = teacher_st.max_seq_length = max_length
+    return student, teacher_st
+
+
+def teacher_targets(teacher_st, student, texts: list[str], seed: int) -> tuple[torch.Tensor, float]:
+    """The teacher's embeddings of the training texts, the MSE targets: projected by PCA to the
+    student's width where it is narrower (adds the documented Dense to `teacher_st`). Returns
+    them and the variance the projection keeps (1.0 without one)."""
+    explained = 1.0
+    s_dim = student.get_embedding_dimension()
+    if s_dim < teacher_st.get_embedding_dimension():
+        dense, explained = down_projection(teacher_st, texts, s_dim, seed)
+        teacher_st.add_module("dense", dense)
+    labels = teacher_st.encode(texts, batch_size=ENCODE_BATCH, convert_to_numpy=True)
+    return torch.as_tensor(labels), explained
+
+
+def fit(student, texts: list[str], labels: torch.Tensor, recipe: Recipe, run_dir: Path,
+        heldout: tuple, out: Path, kind: str):  # fmt: skip
+    """sentence-transformers' trainer with its MSELoss, the recipe's optimiser settings and the
+    texts in order; the held-out curve and the logged loss go to the run's metrics.jsonl.
+    Returns the loss and the trainer."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer import losses
+
+    tr = recipe.train
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out),
+        max_steps=tr.steps,
+        per_device_train_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        learning_rate=tr.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=tr.warmup_steps,
+        weight_decay=tr.weight_decay,
+        adam_beta1=tr.adam_betas[0],
+        adam_beta2=tr.adam_betas[1],
+        adam_epsilon=tr.adam_eps,
+        max_grad_norm=tr.max_grad_norm,
+        seed=tr.seed,
+        data_seed=tr.seed,
+        use_cpu=kind == "cpu",
+        batch_sampler=in_order,
+        logging_steps=tr.log_every,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    dataset = Dataset.from_dict({"sentence": texts, "label": labels.tolist()})
+    loss = losses.MSELoss(model=student)
+    metrics = MetricsLog(run_dir, resume_step=0)
+    curve = _curve_callback(student, *heldout, metrics, tr.eval_every, tr.steps)
+    trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset,
+                                         loss=loss, callbacks=[curve])  # fmt: skip
+    trainer.train()
+    return loss, trainer
+
+
+def reload_max_abs(student, model_dir: Path, texts: list[str], max_length: int) -> float:
+    """Largest difference between the shipped model's embeddings, reloaded, and the trained
+    student's."""
+    from sentence_transformers import SentenceTransformer
+
+    reloaded = SentenceTransformer(str(model_dir), device="cpu")
+    reloaded.max_seq_length = max_length
+    return float(
+        (reloaded.encode(texts, convert_to_tensor=True).cpu()
+         - student.encode(texts, convert_to_tensor=True).cpu()).abs().max()
+    )  # fmt: skip
 
 
 def _curve_callback(student, heldout, t_heldout, metrics: MetricsLog, every: int, steps: int):
