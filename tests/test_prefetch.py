@@ -1,0 +1,74 @@
+"""Data prepared for the loop (issue 23, behaviour 5): each process collates and masks only its
+share of a step's micro-batches, the same batches the whole step's collation gave it; the
+prefetching worker yields exactly what the synchronous path yields, from any step, and an error
+on its thread surfaces in the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor import data, distributed
+from compressor.data import Batch, Corpus
+from compressor.recipe import DataSpec
+from compressor.train.step import prepare, prepare_share
+from tests.helpers import fake_texts, shrink, small_recipe, tiny_teacher
+
+ACCUM, BATCH = 4, 2
+
+
+@pytest.fixture(scope="module")
+def teacher(packaged_tokenizer):
+    return tiny_teacher(packaged_tokenizer, name="tiny-mlm", mlm=True)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return shrink(small_recipe(), train=dict(batch_size=BATCH, grad_accum=ACCUM),
+                  distill=dict(mlm=1.0, prediction=1.0))  # fmt: skip
+
+
+def corpus_of(tmp_path, tok, streaming: bool) -> Corpus:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(fake_texts(80)) + "\n")
+    spec = DataSpec(source="files", files=(str(path),), max_length=24, heldout=3, quality_texts=2,
+                    streaming=streaming, shuffle_buffer=16)  # fmt: skip
+    return Corpus(spec, tok, seed=0, batch_size=BATCH, accum=ACCUM)
+
+
+def same(a: Batch, b: Batch) -> bool:
+    """Bit for bit the same batch (every field, dtype and shape)."""
+    fields = ("input_ids", "attention_mask", "labels", "label_index")
+    pairs = [(getattr(a, f), getattr(b, f)) for f in fields]
+    return all((x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
+                                             and torch.equal(x, y)) for x, y in pairs)  # fmt: skip
+
+
+def whole_step(corpus: Corpus, teacher, recipe, step: int) -> list[Batch]:
+    """Step `step` as the loop prepared it before: every micro-batch collated, then masked."""
+    return [prepare(b, teacher, recipe, step, m) for m, b in enumerate(next(corpus.batches(step)))]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_each_rank_collates_and_masks_only_its_micro_batches(
+    streaming, tmp_path, packaged_tokenizer, teacher, recipe, monkeypatch
+):
+    corpus = corpus_of(tmp_path, packaged_tokenizer, streaming)
+    want = {s: whole_step(corpus, teacher, recipe, s) for s in range(4)}  # a stream: in order
+    collated, masked = [], []
+    real_collate, real_mask = data.collate, data.mask_tokens
+    monkeypatch.setattr(data, "collate", lambda seqs, pad: collated.append(len(seqs))
+                        or real_collate(seqs, pad))  # fmt: skip
+    monkeypatch.setattr("compressor.train.step.mask_tokens",
+                        lambda b, *a: masked.append(b) or real_mask(b, *a))  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        micros = distributed.my_micros(ACCUM)
+        assert micros == [rank, rank + 2]
+        for step in want:
+            collated.clear(), masked.clear()
+            share = prepare_share(corpus, teacher, recipe, step, micros)
+            assert collated == [BATCH, BATCH] and len(masked) == 2  # its two, not all four
+            assert [m for m, _ in share] == micros
+            assert all(same(b, want[step][m]) for m, b in share)
