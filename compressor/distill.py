@@ -2,7 +2,8 @@
 
 Reads top to bottom. Step s (0-based): the pruner's event (masks shrink to the schedule's widths,
 removed layers fade, a progressive slim cuts), the teacher and student forward and backward on
-each micro-batch (train/step.py), the importance update and optimizer step (train/state.py),
+each micro-batch (train/step.py; the batches were collated and masked on a thread while the step
+before trained: prefetch.py), the importance update and optimizer step (train/state.py),
 then metrics, the held-out discrepancy and checkpoints. Under torchrun each process takes its
 share of a step's micro-batches and DDP averages the gradients (distributed.py); everything after
 the backward is the same on every process.
@@ -28,6 +29,7 @@ from compressor.errors import Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import HiddenMaps, prediction_kl, representation_cosine
 from compressor.metrics import MetricsLog
+from compressor.prefetch import Prefetcher
 from compressor.prune.masks import Masks
 from compressor.prune.progressive import Units
 from compressor.prune.schedule import Schedule, lr_at
@@ -74,14 +76,19 @@ def distill(
                                teacher_heldout))  # fmt: skip
         log.write(pruner.measure_noise_floor(state, corpus.step_batches(0, [0])[0]))
 
-    micros = distributed.my_micros(tr.grad_accum)  # this process's share of every step
     last = min(tr.steps, stop_after) if stop_after is not None else tr.steps
+    # this process's share of every step's micro-batches, collated, masked (and pinned for a GPU)
+    # on a thread a step ahead of the one training
+    micros = distributed.my_micros(tr.grad_accum)
+    upcoming = Prefetcher(lambda s: prepare_share(corpus, teacher, r, s, micros,
+                                                  pin=device.type == "cuda"),
+                          range(start, last), ahead=1, device=device)  # fmt: skip
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
     meter = Throughput(teacher.shape, teacher.vocab.vocab if teacher.has_mlm_head else 0, device)
     unchecked = UncheckedLosses()
     writer = CheckpointWriter()  # checkpoints written while training goes on
-    with graceful_interrupt() as interrupted, waiting_for(writer):
+    with graceful_interrupt() as interrupted, waiting_for(writer), upcoming:
         for step in bar:
             lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
             state.set_lr(lr)
@@ -93,9 +100,8 @@ def distill(
             # 2. forward and backward each micro-batch of this process's share (none while the
             #    student is still exactly its teacher: its gradient would be rounding noise)
             identity = state.is_teacher_copy()
-            share = prepare_share(corpus, teacher, r, step, micros, pin=device.type == "cuda")
-            terms, shapes = train_micro_batches(r, teacher, state, share, step, identity, meter,
-                                                device)  # fmt: skip
+            terms, shapes = train_micro_batches(r, teacher, state, upcoming.get(step), step,
+                                                identity, meter, device)  # fmt: skip
             unchecked.add(step, terms)
             # values are read from the device only where the step logs, evaluates or saves: the
             # losses and gradient norms since the last such step are checked there, first

@@ -5,11 +5,16 @@ on its thread surfaces in the loop."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
 from compressor import data, distributed
 from compressor.data import Batch, Corpus
+from compressor.errors import DataError
+from compressor.prefetch import THREAD_NAME, Prefetcher
 from compressor.recipe import DataSpec
 from compressor.train.step import prepare, prepare_share
 from tests.helpers import fake_texts, shrink, small_recipe, tiny_teacher
@@ -72,3 +77,68 @@ def test_each_rank_collates_and_masks_only_its_micro_batches(
             assert collated == [BATCH, BATCH] and len(masked) == 2  # its two, not all four
             assert [m for m, _ in share] == micros
             assert all(same(b, want[step][m]) for m, b in share)
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("start", [0, 5])
+def test_the_worker_yields_what_the_synchronous_path_yields(
+    streaming, start, tmp_path, packaged_tokenizer, teacher, recipe
+):
+    """Bit for bit, from step 0 and from a resumed step (a fresh corpus restored to the position
+    a checkpoint at that step saves), with the probes reading the same corpus meanwhile."""
+    micros, n = list(range(ACCUM)), 6
+    reference = corpus_of(tmp_path, packaged_tokenizer, streaming)
+    want = [prepare_share(reference, teacher, recipe, s, micros) for s in range(start + n)]
+    corpus = corpus_of(tmp_path, packaged_tokenizer, streaming)
+    corpus.restore(start, reference.position(start))  # as `distill.restore` does
+    steps = range(start, start + n)
+    with Prefetcher(lambda s: prepare_share(corpus, teacher, recipe, s, micros), steps) as ahead:
+        for s in steps:
+            got = ahead.get(s)
+            next(corpus.batches(s))  # a pruning probe reads the step (and the stream) meanwhile
+            assert [m for m, _ in got] == micros
+            assert all(same(b, w) for (_, b), (_, w) in zip(got, want[s], strict=True))
+
+
+def test_the_worker_stays_at_most_a_step_ahead_and_stops_with_the_loop():
+    made = []
+
+    def make(step: int) -> int:
+        made.append(step)
+        return step * 10
+
+    with (
+        pytest.raises(KeyError, match="the loop failed"),
+        Prefetcher(make, range(100), ahead=1) as ahead,
+    ):
+        assert ahead.get(0) == 0
+        deadline = time.monotonic() + 10
+        while len(made) < 3 and time.monotonic() < deadline:  # it runs ahead as far as it may
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert made == [0, 1, 2]  # step 1 waiting in the queue, step 2 made, waiting to go in
+        assert ahead.get(1) == 10
+        raise KeyError("the loop failed")
+    assert not alive(), "the worker outlived the loop"
+    assert len(made) <= 4
+
+
+def test_an_error_on_the_worker_is_raised_in_the_loop_naming_the_step():
+    def make(step: int) -> int:
+        if step == 2:
+            raise DataError("data: cannot read the stream (a broken file)")
+        return step
+
+    with Prefetcher(make, range(5)) as ahead:
+        assert [ahead.get(0), ahead.get(1)] == [0, 1]
+        with pytest.raises(DataError, match="a broken file") as raised:
+            ahead.get(2)
+    assert "compress-prefetch thread, preparing the data of step 2" in str(raised.value.__notes__)
+    assert not alive()
+
+
+def alive() -> bool:
+    return any(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate())
