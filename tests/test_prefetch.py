@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from compressor import data, distributed
+from compressor import data, distributed, pipeline
 from compressor.data import Batch, Corpus
 from compressor.errors import DataError
 from compressor.prefetch import THREAD_NAME, Prefetcher
 from compressor.recipe import DataSpec
 from compressor.train.step import prepare, prepare_share
-from tests.helpers import fake_texts, shrink, small_recipe, tiny_teacher
+from tests.helpers import fake_texts, shrink, small_recipe, small_teacher, tiny_teacher
 
 ACCUM, BATCH = 4, 2
 
@@ -142,3 +142,23 @@ def test_an_error_on_the_worker_is_raised_in_the_loop_naming_the_step():
 
 def alive() -> bool:
     return any(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_loop_raises_a_worker_error_and_leaves_no_thread(
+    tmp_path, packaged_tokenizer, monkeypatch
+):
+    """Through the real loop (distill.py): the worker's error at step 3 ends the run with that
+    error, and no worker thread is left."""
+    real = Corpus.step_batches
+
+    def step_batches(self, step, micros):
+        if step == 3 and threading.current_thread().name == THREAD_NAME:
+            raise DataError("data: cannot read the stream (a broken file)")
+        return real(self, step, micros)
+
+    monkeypatch.setattr(Corpus, "step_batches", step_batches)
+    recipe = shrink(small_recipe(steps=6), train=dict(checkpoint_every=2))
+    with pytest.raises(DataError, match="a broken file") as raised:
+        pipeline.run(recipe, tmp_path, teacher=small_teacher(packaged_tokenizer))
+    assert "preparing the data of step 3" in str(raised.value.__notes__)
+    assert not alive()
