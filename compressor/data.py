@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,19 +49,25 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """On `device`; `non_blocking` copies from pinned host memory to a GPU without waiting
-        (the host tensors must not be written until the copy is done: batches are fresh)."""
+        (pinned here unless the prefetching worker pinned it; the host tensors must not be
+        written until the copy is done: batches are fresh)."""
         device = torch.device(device)
         pin = non_blocking and device.type == "cuda"
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
-                device, non_blocking=non_blocking
-            )
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if pin and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
 
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     move(self.label_index))  # fmt: skip
+        return self._map(move)
+
+    def pin_memory(self) -> Batch:
+        """In page-locked host memory, ready for a non-blocking copy to a GPU."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> Batch:
+        return Batch(*(None if t is None else fn(t) for t in
+                       (self.input_ids, self.attention_mask, self.labels, self.label_index)))  # fmt: skip
 
 
 def package_data(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:
@@ -227,6 +234,7 @@ class Corpus:
         self.spec, self.tok, self.seed = spec, tokenizer, seed
         self.batch_size, self.accum = batch_size, accum
         self.reader: StepReader | None = None
+        self._reading = threading.Lock()  # step_batches may run on the prefetching thread
         self.train_texts: list[str] | None = None  # in memory, one text per sequence: the texts
         reserved = spec.heldout + spec.quality_texts  # never trained on
         if spec.pack and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
@@ -324,18 +332,28 @@ class Corpus:
         """The micro-batches of every step from `start_step` on; never runs out."""
         step = start_step
         while True:
-            seqs = self.reader.sequences(step) if self.reader else self._sampled(step)
-            yield [
-                self.collate(seqs[m * self.batch_size : (m + 1) * self.batch_size])
-                for m in range(self.accum)
-            ]
+            yield self.step_batches(step, range(self.accum))
             step += 1
 
-    def _sampled(self, step: int) -> list[Sequence[int]]:
-        """Step `step`'s sequences of an in-memory corpus: epochs of seeded permutations."""
-        per_step, n = self.batch_size * self.accum, len(self.train_ids)
-        first = step * per_step
-        return [self.train_ids[self._sample_index(first + j, n)] for j in range(per_step)]
+    def step_batches(self, step: int, micros: Sequence[int]) -> list[Batch]:
+        """Micro-batches `micros` (indices into the step's `accum`) of step `step`, collated:
+        only those (under torchrun a process collates its own share, `distributed.my_micros`).
+        Safe to call from a thread beside the loop's (the prefetching worker, prefetch.py)."""
+        b = self.batch_size
+        with self._reading:  # the stream's reader and the permutation cache: one thread at once
+            if self.reader:
+                seqs = self.reader.sequences(step)
+                micro_seqs = [seqs[m * b : (m + 1) * b] for m in micros]
+            else:
+                micro_seqs = [self._sampled(step, m) for m in micros]
+        return [self.collate(s) for s in micro_seqs]
+
+    def _sampled(self, step: int, micro: int) -> list[Sequence[int]]:
+        """The sequences of micro-batch `micro` of step `step` of an in-memory corpus: epochs of
+        seeded permutations over the steps' sequences."""
+        b, n = self.batch_size, len(self.train_ids)
+        first = (step * self.accum + micro) * b
+        return [self.train_ids[self._sample_index(first + j, n)] for j in range(b)]
 
     def step_texts(self, step: int) -> list[str] | None:
         """Step `step`'s training texts, untokenised, for a trainer that tokenises itself (the
@@ -345,7 +363,8 @@ class Corpus:
             return None
         per_step, n = self.batch_size * self.accum, len(self.train_texts)
         first = step * per_step
-        return [self.train_texts[self._sample_index(first + j, n)] for j in range(per_step)]
+        with self._reading:
+            return [self.train_texts[self._sample_index(first + j, n)] for j in range(per_step)]
 
     def _sample_index(self, position: int, n: int) -> int:
         epoch, offset = divmod(position, n)

@@ -2,7 +2,8 @@
 
 Reads top to bottom. Step s (0-based): the pruner's event (masks shrink to the schedule's widths,
 removed layers fade, a progressive slim cuts), the teacher and student forward and backward on
-each micro-batch (train/step.py), the importance update and optimizer step (train/state.py),
+each micro-batch (train/step.py; the batches were collated and masked on a thread while the step
+before trained: prefetch.py), the importance update and optimizer step (train/state.py),
 then metrics, the held-out discrepancy and checkpoints. Under torchrun each process takes its
 share of a step's micro-batches and DDP averages the gradients (distributed.py); everything after
 the backward is the same on every process.
@@ -28,6 +29,7 @@ from compressor.errors import Interrupted
 from compressor.forward import EncoderOutput, encode, mean_pool
 from compressor.losses import HiddenMaps, prediction_kl, representation_cosine
 from compressor.metrics import MetricsLog
+from compressor.prefetch import Prefetcher
 from compressor.prune.masks import Masks
 from compressor.prune.progressive import Units
 from compressor.prune.schedule import Schedule, lr_at
@@ -37,7 +39,7 @@ from compressor.shapes import param_count
 from compressor.teacher import Teacher
 from compressor.train.pruner import Pruner
 from compressor.train.state import TrainingState, rng_state, set_rng_state, window_name
-from compressor.train.step import micro_step, prepare
+from compressor.train.step import micro_step, prepare_share
 from compressor.train.throughput import Throughput
 
 
@@ -72,16 +74,21 @@ def distill(
         if main:
             log.write(evaluate(0, teacher, student, state.maps, state.masks, heldout,
                                teacher_heldout))  # fmt: skip
-        log.write(pruner.measure_noise_floor(state, next(corpus.batches(0))[0]))
+        log.write(pruner.measure_noise_floor(state, corpus.step_batches(0, [0])[0]))
 
-    batches = corpus.batches(start)
     last = min(tr.steps, stop_after) if stop_after is not None else tr.steps
+    # this process's share of every step's micro-batches, collated, masked (and pinned for a GPU)
+    # on a thread a step ahead of the one training
+    micros = distributed.my_micros(tr.grad_accum)
+    upcoming = Prefetcher(lambda s: prepare_share(corpus, teacher, r, s, micros,
+                                                  pin=device.type == "cuda"),
+                          range(start, last), ahead=1, device=device)  # fmt: skip
     bar = tqdm(range(start, last), initial=start, total=tr.steps, desc="distill", unit="step",
                disable=not main)  # fmt: skip
     meter = Throughput(teacher.shape, teacher.vocab.vocab if teacher.has_mlm_head else 0, device)
     unchecked = UncheckedLosses()
     writer = CheckpointWriter()  # checkpoints written while training goes on
-    with graceful_interrupt() as interrupted, waiting_for(writer):
+    with graceful_interrupt() as interrupted, waiting_for(writer), upcoming:
         for step in bar:
             lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps)
             state.set_lr(lr)
@@ -93,8 +100,8 @@ def distill(
             # 2. forward and backward each micro-batch of this process's share (none while the
             #    student is still exactly its teacher: its gradient would be rounding noise)
             identity = state.is_teacher_copy()
-            terms, shapes = train_micro_batches(r, teacher, state, next(batches), step, identity,
-                                                meter, device)  # fmt: skip
+            terms, shapes = train_micro_batches(r, teacher, state, upcoming.get(step), step,
+                                                identity, meter, device)  # fmt: skip
             unchecked.add(step, terms)
             # values are read from the device only where the step logs, evaluates or saves: the
             # losses and gradient norms since the last such step are checked there, first
@@ -147,23 +154,23 @@ def train_micro_batches(
     r: Recipe,
     teacher: Teacher,
     state: TrainingState,
-    step_batches: list,
+    share: list[tuple[int, Batch]],
     step: int,
     identity: bool,
     meter: Throughput,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor | float], list[tuple[int, int, int]]]:
-    """Forward teacher and student on each micro-batch of this process's share of the step (all
-    of them in one process; none when `identity`), backward the weighted loss; DDP averages the
-    gradients on the last one. Returns the mean loss terms over the step's micro-batches (on the
-    device, in float64: summed as the host summed them, read by `read_values`) and the
-    (sequences, length, MLM head positions) of each, for the FLOPs (Throughput)."""
+    """Forward teacher and student on each micro-batch of this process's share of the step
+    (prepared: collated and masked, each with its index; all of them in one process; none when
+    `identity`), backward the weighted loss; DDP averages the gradients on the last one. Returns
+    the mean loss terms over the step's micro-batches (on the device, in float64: summed as the
+    host summed them, read by `read_values`) and the (sequences, length, MLM head positions) of
+    each, for the FLOPs (Throughput)."""
     bf16 = r.train.precision == "bf16"
-    share = [] if identity else distributed.my_share(step_batches)
+    share = [] if identity else share
     terms: dict[str, torch.Tensor | float] = {"loss_total": 0.0}
     shapes = []
-    for n, (micro, batch) in enumerate(share):
-        batch = prepare(batch, teacher, r, step, micro)
+    for n, (_, batch) in enumerate(share):
         shapes.append(meter.add(batch))
         with distributed.syncing(state.model, sync=n == len(share) - 1):
             values = micro_step(r.distill, teacher, state.model, state.masks,

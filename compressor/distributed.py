@@ -7,8 +7,9 @@ torchrun starts N copies of `compress run` and tells each its RANK, LOCAL_RANK a
 plain `compress run` there is no WORLD_SIZE and every function here is the single-process no-op.
 
 How the loop (distill.py) uses it:
-- a step's `grad_accum` micro-batches are dealt out round robin (`my_share`: rank r takes r, r+N,
-  ...), so the global batch is the recipe's on any number of processes;
+- a step's `grad_accum` micro-batches are dealt out round robin (`my_micros`: rank r takes r,
+  r+N, ...), so the global batch is the recipe's on any number of processes; each process collates
+  and masks only its own (data.py `Corpus.step_batches`, train/step.py `prepare_share`);
 - `wrap` puts the student, its hidden-state maps and the layer fades (one module) under DDP, which
   averages their gradients on the step's last micro-batch (`syncing`): the importance computed
   from them is the same on every rank. The teacher is not wrapped;
@@ -135,9 +136,9 @@ def gather(value: T) -> list[T]:
     return out
 
 
-def my_share(items: list[T]) -> list[tuple[int, T]]:
-    """This rank's items with their index in `items`: r, r+N, r+2N, ..."""
-    return [(i, items[i]) for i in range(rank(), len(items), world_size())]
+def my_micros(count: int) -> list[int]:
+    """This rank's share of a step's `count` micro-batches, by index: r, r+N, r+2N, ..."""
+    return list(range(rank(), count, world_size()))
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:

@@ -89,3 +89,18 @@ def peak_bf16_flops(device_name: str) -> float | None:
 def mfu(flops: float, seconds: float, peak: float, devices: int = 1) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak of `devices` devices."""
     return flops / seconds / (peak * devices)
+
+
+def projected_seconds(
+    runs: list[tuple[float, int]], a: tuple[float, float], b: tuple[float, float]
+) -> float:
+    """Seconds of a run whose steps are `runs` of (FLOPs of one step, number of steps), from two
+    measured steps `a` and `b`, each (FLOPs, seconds): a step's time taken as affine in its FLOPs
+    through them (a fixed cost plus the FLOPs at the measured rate), so the widths between the
+    first cut and the last are weighted by the schedule. Proportional to the FLOPs when both were
+    measured at the same FLOPs."""
+    (fa, sa), (fb, sb) = a, b
+    if fa == fb:
+        return sum(n * sa * f / fa for f, n in runs)
+    slope = (sb - sa) / (fb - fa)
+    return sum(n * (sa + (f - fa) * slope) for f, n in runs)

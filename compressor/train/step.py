@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from compressor.checks import check_finite_losses
-from compressor.data import Batch, mask_tokens
+from compressor.data import Batch, Corpus, mask_tokens
 from compressor.losses import weighted_total
 from compressor.prune.masks import Masks
 from compressor.recipe import DistillSpec, Recipe
@@ -20,6 +20,18 @@ def prepare(batch: Batch, teacher: Teacher, r: Recipe, step: int, micro: int) ->
         return batch
     g = torch.Generator().manual_seed(r.train.seed * 1_000_003 + step * 101 + micro)
     return mask_tokens(batch, teacher.tokenizer, r.distill.mlm_probability, g)
+
+
+def prepare_share(
+    corpus: Corpus, teacher: Teacher, r: Recipe, step: int, micros: list[int], pin: bool = False
+) -> list[tuple[int, Batch]]:
+    """Micro-batches `micros` of step `step` (this process's share), collated and masked, each
+    with its index; in pinned memory with `pin` (for a non-blocking copy to a GPU). Only these
+    are collated and masked; the masks are those of the whole step's (a function of the seed,
+    the step and the micro-batch's index)."""
+    batches = corpus.step_batches(step, micros)
+    out = [(m, prepare(b, teacher, r, step, m)) for m, b in zip(micros, batches, strict=True)]
+    return [(m, b.pin_memory()) for m, b in out] if pin else out
 
 
 def micro_step(

