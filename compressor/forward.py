@@ -52,7 +52,7 @@ def masked_layer_norm(
         n = kept_index.numel()
         w, b = ln.weight.index_select(0, kept_index), ln.bias.index_select(0, kept_index)
         y = F.layer_norm(x.index_select(-1, kept_index), (n,), w, b, ln.eps)
-        return x.new_zeros(x.shape, dtype=y.dtype).index_copy(-1, kept_index, y)
+        return x.new_zeros(x.shape, dtype=y.dtype).index_copy_(-1, kept_index, y)
     m = keep.to(x.dtype)
     n = m.sum()
     mean = (x * m).sum(-1, keepdim=True) / n

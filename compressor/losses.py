@@ -80,7 +80,9 @@ def attention_row_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
 
 
 def _row_kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (t * (t.clamp_min(1e-12).log() - s.clamp_min(1e-12).log())).sum(-1)
+    """(t * (log max(t, 1e-12) - log max(s, 1e-12))).sum(-1), in place on two new tensors."""
+    d = t.clamp_min(1e-12).log_()
+    return d.sub_(s.clamp_min(1e-12).log_()).mul_(t).sum(-1)
 
 
 class AttentionKL(torch.autograd.Function):
@@ -108,10 +110,11 @@ class AttentionKL(torch.autograd.Function):
 
 
 def _row_kl_grad(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """What autograd computes through `_row_kl` toward s, in its order: the backward of the sum,
-    the product, the difference, the log and clamp_min."""
-    g = -(grad.unsqueeze(-1) * t) / s.clamp_min(1e-12)
-    return torch.where(s >= 1e-12, g, 0.0)
+    """What autograd computes through `_row_kl` toward s, in its order (the backward of the sum,
+    the product, the difference, the log, clamp_min), in place on one new tensor. Dividing by s
+    rather than max(s, 1e-12) changes no bit: where they differ the gradient is set to 0."""
+    g = (grad.unsqueeze(-1) * t).neg_().div_(s)
+    return g.masked_fill_((s >= 1e-12).logical_not_(), 0.0)
 
 
 def attention_kl(

@@ -30,24 +30,51 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 STATES = ("full", "masked", "slim")
+MARK = "step_memory.micro_step"
 GIB = 2**30
 
 
 def profile_step(w, state: str) -> dict:  # w: bench_step.Worker
-    """One micro-step of `w` in `state` under the profiler: (allocated, peak) bytes."""
+    """One training step of `w` in `state` under the profiler: (allocated, peak) bytes of its
+    micro-step (train/step.py `micro_step`: the teacher's forward, the student's forward, loss
+    and backward) and of the whole step (with the importance update, clipping and AdamW)."""
     from torch._C._profiler import _EventType
+    from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
+
+    import compressor.train.step as step
 
     to_state(w, state)
     w.one_step()  # warm-up: the optimizer's moments, first touch of every buffer
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        w.one_step()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    real = step.micro_step
+
+    def marked(*args, **kw):
+        with record_function(MARK):
+            return real(*args, **kw)
+
+    step.micro_step = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            w.one_step()
+    finally:
+        step.micro_step = real
+    events: dict[str, list] = {"micro": [], "step": []}
+    stack = [(e, False) for e in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        e = stack.pop()
-        stack.extend(e.children)
+        e, inside = stack.pop()
+        inside = inside or e.name == MARK
+        stack.extend((c, inside) for c in e.children)
         if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+            size = e.extra_fields.alloc_size
+            events["step"].append((e.start_time_ns, size))
+            if inside:
+                events["micro"].append((e.start_time_ns, size))
+    return {k: allocated_and_peak(v) for k, v in events.items()}
+
+
+def allocated_and_peak(events: list[tuple[int, int]]) -> dict[str, int]:
+    """Sizes allocated (positive) and freed (negative) in time order: their sum of allocations
+    and the most bytes live at once above the start."""
     live = peak = allocated = 0
     for _, size in sorted(events):
         live += size
@@ -133,19 +160,20 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT,
                            capture_output=True)  # fmt: skip
             shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"one micro-step, {a.batch} x {a.seq}, {a.precision}, {a.device}: GiB allocated"
-        " (sum of every new tensor) / GiB peak above the step's start"
-    )
-    for state in STATES:
-        cells = [f"{k} {v[state]['allocated'] / GIB:.2f} / {v[state]['peak'] / GIB:.2f}"
-                 for k, v in results.items()]  # fmt: skip
-        line = f"{state:>6}: " + ", ".join(cells)
-        if len(results) == 2:
-            old, new = (v[state] for v in results.values())
-            line += (f"; new/old {new['allocated'] / old['allocated']:.2f}"
-                     f" / {new['peak'] / old['peak']:.2f}")  # fmt: skip
-        print(line)
+    print(f"one step, micro-batch {a.batch} x {a.seq}, {a.precision}, {a.device}: GiB allocated"
+          " (sum of every new tensor) / GiB peak (above the start)")  # fmt: skip
+    for part, name in (("micro", "the micro-step (forwards, loss, backward)"),
+                       ("step", "the whole step (with the importance update, AdamW)")):  # fmt: skip
+        print(f"{name}:")
+        for state in STATES:
+            cells = [f"{k} {v[state][part]['allocated'] / GIB:.2f} / {v[state][part]['peak'] / GIB:.2f}"
+                     for k, v in results.items()]  # fmt: skip
+            line = f"  {state:>6}: " + ", ".join(cells)
+            if len(results) == 2:
+                old, new = (v[state][part] for v in results.values())
+                line += (f"; new/old {new['allocated'] / old['allocated']:.2f}"
+                         f" / {new['peak'] / old['peak']:.2f}")  # fmt: skip
+            print(line)
 
 
 if __name__ == "__main__":
