@@ -88,7 +88,8 @@ def _row_kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 class AttentionKL(torch.autograd.Function):
     """`attention_row_kl`, its gradient toward the student computed from the tensors the step
     holds anyway (the teacher's and the student's attentions, in their own dtype): autograd
-    through the formula would keep three fp32 [B, H, T, T] tensors per layer until the backward.
+    through the formula keeps the floored student attentions per layer until the backward (and,
+    for bf16 attentions, fp32 copies of both), each a new fp32 [B, H, T, T].
     The gradient is autograd's, op for op (d/ds of -t log max(s, 1e-12), zero where s < 1e-12),
     so an fp32 step is bit for bit what it was."""
 
