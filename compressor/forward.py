@@ -32,21 +32,27 @@ class EncoderOutput:
     attentions: list[torch.Tensor]  # each layer: [B, H, T, T] probabilities
     logits: torch.Tensor | None  # MLM logits [B, T, V] when asked and the model has a head
 
-    def float(self) -> EncoderOutput:
-        """Every tensor in fp32 (what came out of a bf16 autocast forward, for the losses)."""
-        return EncoderOutput(
-            [h.float() for h in self.hidden_states],
-            [a.float() for a in self.attentions],
-            self.logits.float() if self.logits is not None else None,
-        )
-
 
 def masked_layer_norm(
-    x: torch.Tensor, ln: nn.LayerNorm, keep: torch.Tensor | None, all_kept: bool
+    x: torch.Tensor,
+    ln: nn.LayerNorm,
+    keep: torch.Tensor | None,
+    all_kept: bool,
+    kept_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm over the kept dims only; pruned dims come out as exact zeros."""
+    """LayerNorm over the kept dims only; pruned dims come out as exact zeros. With `kept_index`
+    (the kept dims' indices: what `encode` passes under bf16 autocast) it is the slimmed model's
+    own computation: one fused layer_norm of the kept dims gathered, scattered back into zeros
+    (three passes, one [.., n] tensor kept for the backward). Without, the composite over the
+    mask (about eight passes, two [.., D] tensors kept; in fp32 bit for bit what it always
+    gave). Both are the same function; they round differently (tests/test_memory_traffic.py)."""
     if keep is None or all_kept:
         return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    if kept_index is not None:
+        n = kept_index.numel()
+        w, b = ln.weight.index_select(0, kept_index), ln.bias.index_select(0, kept_index)
+        y = F.layer_norm(x.index_select(-1, kept_index), (n,), w, b, ln.eps)
+        return x.new_zeros(x.shape, dtype=y.dtype).index_copy_(-1, kept_index, y)
     m = keep.to(x.dtype)
     n = m.sum()
     mean = (x * m).sum(-1, keepdim=True) / n
@@ -87,6 +93,13 @@ def encode(
         host = HostMasks.of(masks)
     all_hidden = masks is None or host.all_hidden
     hmask = None if all_hidden else hid.to(emb.word.weight.dtype)
+    # bf16: the gathered LayerNorm (masked_layer_norm); fp32: the composite, as it always was
+    gathered = None if all_hidden else host.hidden_index
+    if gathered is not None and not torch.is_autocast_enabled(input_ids.device.type):
+        gathered = None
+
+    def norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        return masked_layer_norm(x, ln, hid, all_hidden, gathered)
 
     def keep_hidden(x: torch.Tensor) -> torch.Tensor:
         return x if hmask is None else x * hmask
@@ -100,7 +113,7 @@ def encode(
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = x + emb.token_type(token_type_ids)
-    x = masked_layer_norm(keep_hidden(x), emb.ln, hid, all_hidden)
+    x = norm(keep_hidden(x), emb.ln)
     if dropout:
         x = F.dropout(x, dropout)
 
@@ -123,11 +136,11 @@ def encode(
         probs = scores.softmax(-1)
         dropped = F.dropout(probs, dropout) if dropout else probs
         context = (dropped @ heads(v)).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
-        a = masked_layer_norm(keep_hidden(drop(t.o(context))) + x, t.attn_ln, hid, all_hidden)
+        a = norm(keep_hidden(drop(t.o(context))) + x, t.attn_ln)
         inner = act(t.inter(a))
         if masks is not None:
             inner = inner * masks.ffn[i].to(inner.dtype)
-        y = masked_layer_norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln, hid, all_hidden)
+        y = norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln)
         if masks is not None:
             g = masks.fade[i]
             if not host.layers[i]:
@@ -143,7 +156,7 @@ def encode(
     if with_logits and head is not None:
         if logits_at is not None:
             x = x.reshape(bsz * seq, -1).index_select(0, logits_at)
-        z = masked_layer_norm(keep_hidden(head.act(head.dense(x))), head.ln, hid, all_hidden)
+        z = norm(keep_hidden(head.act(head.dense(x))), head.ln)
         logits = head.decoder(z)
     return EncoderOutput(hidden_states, attentions, logits)
 

@@ -59,15 +59,74 @@ def hidden_mse(
     return token_mean((student - teacher).pow(2).mean(-1), attention_mask)
 
 
+KL_CHUNK = 1 << 24  # elements of [B, H, T, T] upcast at once (64 MiB of fp32)
+
+
+def batch_slices(x: torch.Tensor) -> int:
+    """Rows of the batch per slice of at most KL_CHUNK elements (at least one)."""
+    return max(1, KL_CHUNK // max(1, x[0].numel()))
+
+
+def attention_row_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each attention row [B, .., T] -> [B, ..], in fp32 from inputs of
+    any float dtype, probabilities floored at 1e-12. Computed a slice of the batch at a time, so
+    no fp32 copy of a whole layer's bf16 attentions is made (slices give the same bits: the sum
+    runs over the last dim only)."""
+    rows = batch_slices(teacher)
+    if teacher.shape[0] <= rows:
+        return _row_kl(teacher.float(), student.float())
+    parts = zip(teacher.split(rows), student.split(rows), strict=True)
+    return torch.cat([_row_kl(t.float(), s.float()) for t, s in parts])
+
+
+def _row_kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(t * (log max(t, 1e-12) - log max(s, 1e-12))).sum(-1), in place on two new tensors."""
+    d = t.clamp_min(1e-12).log_()
+    return d.sub_(s.clamp_min(1e-12).log_()).mul_(t).sum(-1)
+
+
+class AttentionKL(torch.autograd.Function):
+    """`attention_row_kl`, its gradient toward the student computed from the tensors the step
+    holds anyway (the teacher's and the student's attentions, in their own dtype): autograd
+    through the formula keeps the floored student attentions per layer until the backward (and,
+    for bf16 attentions, fp32 copies of both), each a new fp32 [B, H, T, T].
+    The gradient is autograd's, op for op (d/ds of -t log max(s, 1e-12), zero where s < 1e-12),
+    so an fp32 step is bit for bit what it was."""
+
+    @staticmethod
+    def forward(ctx, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(teacher, student)
+        return attention_row_kl(teacher, student)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        teacher, student = ctx.saved_tensors
+        rows = batch_slices(teacher)
+        if teacher.shape[0] <= rows:
+            return None, _row_kl_grad(grad, teacher.float(), student.float()).to(student.dtype)
+        parts = zip(grad.split(rows), teacher.split(rows), student.split(rows), strict=True)
+        return None, torch.cat(
+            [_row_kl_grad(g, t.float(), s.float()).to(student.dtype) for g, t, s in parts]
+        )
+
+
+def _row_kl_grad(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What autograd computes through `_row_kl` toward s, in its order (the backward of the sum,
+    the product, the difference, the log, clamp_min), in place on one new tensor. Dividing by s
+    rather than max(s, 1e-12) changes no bit: where they differ the gradient is set to 0."""
+    g = (grad.unsqueeze(-1) * t).neg_().div_(s)
+    return g.masked_fill_((s >= 1e-12).logical_not_(), 0.0)
+
+
 def attention_kl(
     teacher: torch.Tensor,
     student: torch.Tensor,
     heads_alive: torch.Tensor,
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """KL(teacher || student) of attention rows [B, H, T, T], over alive heads and real queries."""
-    t = teacher.float()
-    kl = (t * (t.clamp_min(1e-12).log() - student.float().clamp_min(1e-12).log())).sum(-1)
+    """KL(teacher || student) of attention rows [B, H, T, T], over alive heads and real queries,
+    in fp32 whatever the attentions' dtype (bf16 under autocast)."""
+    kl = AttentionKL.apply(teacher, student)  # [B, H, T] fp32
     alive = heads_alive.to(kl.dtype)[None, :, None]  # [1, H, 1]
     per_query = (kl * alive).sum(1) / alive.sum().clamp_min(1.0)  # [B, T]
     return token_mean(per_query, attention_mask)
@@ -77,8 +136,8 @@ def representation_cosine(
     student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """1 - cosine of the mean-pooled final states (the sentence embedding of head-less teachers)."""
-    s, t = mean_pool(student, attention_mask), mean_pool(teacher, attention_mask)
-    return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
+    s, t = mean_pool(student.float(), attention_mask), mean_pool(teacher.float(), attention_mask)
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
 def embedding_cosine(
@@ -94,8 +153,8 @@ def embedding_cosine(
     alive ones (`hidden_alive` [D'], the masks of a masked student). HomoDistil's student is the
     teacher with units removed, so its embedding is trained toward what it can represent
     exactly: the teacher's, restricted to the dims it kept."""
-    s = mean_pool(student, attention_mask).float()
-    t = mean_pool(teacher, attention_mask).float()
+    s = mean_pool(student.float(), attention_mask)
+    t = mean_pool(teacher.float(), attention_mask)
     if teacher_dims is not None:
         t = t[:, teacher_dims.to(t.device)]
     alive = hidden_alive.to(s.dtype)
@@ -107,10 +166,19 @@ def similarity_mse(
 ) -> torch.Tensor:
     """Mean squared difference of the in-batch pairwise cosine similarities of the mean-pooled
     final states: the geometry of what ships, with no learned map (widths may differ)."""
-    s = F.normalize(mean_pool(student, attention_mask).float(), dim=-1)
-    t = F.normalize(mean_pool(teacher, attention_mask).float(), dim=-1)
+    s = F.normalize(mean_pool(student.float(), attention_mask), dim=-1)
+    t = F.normalize(mean_pool(teacher.float(), attention_mask), dim=-1)
     i, j = torch.triu_indices(s.shape[0], s.shape[0], offset=1, device=s.device)
     return ((s @ s.T)[i, j] - (t @ t.T)[i, j]).pow(2).mean()
+
+
+def scaled_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32: a bf16 input is upcast and divided in one new tensor (an
+    fp32 one divided as it always was; dividing by 1 is skipped: it changes no bit)."""
+    x = logits.float()
+    if temperature == 1.0:
+        return x
+    return x / temperature if x is logits else x.div_(temperature)
 
 
 def prediction_kl(
@@ -123,8 +191,8 @@ def prediction_kl(
     None: the logits [N, V] are those positions' already (forward.encode `logits_at`)."""
     if positions is not None:
         teacher_logits, student_logits = teacher_logits[positions], student_logits[positions]
-    t = (teacher_logits.float() / temperature).log_softmax(-1)
-    s = (student_logits.float() / temperature).log_softmax(-1)
+    t = scaled_fp32(teacher_logits, temperature).log_softmax(-1)
+    s = scaled_fp32(student_logits, temperature).log_softmax(-1)
     if t.shape[0] == 0:
         return student_logits.sum() * 0.0
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
@@ -165,7 +233,8 @@ def loss_terms(
     out: dict[str, torch.Tensor] = {}
     if d.hidden > 0:
         out["hidden"] = sum(
-            hidden_mse(maps(j, s.hidden_states[i]), t.hidden_states[j], att) for i, j in mapped
+            hidden_mse(maps(j, s.hidden_states[i].float()), t.hidden_states[j], att)
+            for i, j in mapped
         ) / len(mapped)
     if d.attention > 0:
         layers = mapped[1:]
@@ -191,7 +260,7 @@ def loss_terms(
         last = len(t.hidden_states) - 1
         if d.prediction > 0:
             out["prediction"] = representation_cosine(
-                maps(last, s.hidden_states[-1]), t.hidden_states[-1], att
+                maps(last, s.hidden_states[-1].float()), t.hidden_states[-1], att
             )
         if d.embedding > 0:
             dims = c.hidden if c is not None else None
@@ -245,5 +314,4 @@ class StudentLoss(nn.Module):
             s = encode(self.student, batch.input_ids, batch.attention_mask, masks,
                        with_logits=self.with_logits, dropout=dropout,
                        logits_at=batch.label_index, host=host)  # fmt: skip
-        return loss_terms(d, t.float(), s.float(), self.maps, masks, batch, self.correspondence,
-                          host)  # fmt: skip
+        return loss_terms(d, t, s, self.maps, masks, batch, self.correspondence, host)

@@ -15,7 +15,7 @@ compressor/arch/ says where they live):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -246,11 +246,16 @@ class HostMasks:
     all_hidden: bool
     layers: tuple[bool, ...]  # False: chosen for removal
     widths: Shape  # Masks.widths with every layer counted (the fade is the host's to know)
+    # the kept hidden dims' indices, on the masks' device (None: all kept): the gathered
+    # LayerNorm of a bf16 forward (forward.masked_layer_norm)
+    hidden_index: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, m: Masks) -> HostMasks:
         every = replace(m, fade=torch.ones_like(m.fade)).widths()
-        return cls(bool(m.hidden.all()), tuple(bool(k) for k in m.layers.tolist()), every)
+        all_hidden = bool(m.hidden.all())
+        index = None if all_hidden else m.hidden.nonzero().flatten()
+        return cls(all_hidden, tuple(bool(k) for k in m.layers.tolist()), every, index)
 
 
 class MasksMemo:
