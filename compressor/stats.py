@@ -22,12 +22,16 @@ def paired_difference(a: list[float], b: list[float], resamples: int = 10_000,
     interval: the pairs resampled with replacement. `verdict` is "ahead" (a > b) or "behind" when
     the interval excludes 0, else "inside the noise". With n pairs the interval cannot be wider
     than the range of the differences; with 3 pairs it is that range (each extreme resample has
-    probability 1/27 > 2.5%), so "ahead" then means ahead at every seed."""
+    probability 1/27 > 2.5%), so "ahead" then means ahead at every seed. One pair has no
+    interval (`low` and `high` None) and no verdict."""
     import random
 
     diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     if not diffs:
         raise ValueError("paired_difference: no pairs")
+    if len(diffs) == 1:  # one seed: a difference, but no spread to bound it with
+        return {"mean": diffs[0], "low": None, "high": None, "level": level, "n": 1,
+                "verdict": "one seed: no interval", "per_seed": diffs}  # fmt: skip
     rng = random.Random(seed)
     means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
     tail = (1.0 - level) / 2.0

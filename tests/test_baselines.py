@@ -423,3 +423,19 @@ def test_cli_baselines_needs_something_to_score_on(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "give --mteb or --tasks" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_one_seed_has_no_spread_and_no_interval():
+    """Over one seed a comparison prints the means and the difference alone: no `± 0.0000`
+    spread and no degenerate interval claiming a verdict."""
+    from compressor.baselines.variants import spread, versus_cell
+    from compressor.stats import paired_difference
+
+    one = paired_difference([0.5], [0.4])
+    assert one["mean"] == pytest.approx(0.1) and one["low"] is None and one["high"] is None
+    assert one["verdict"] == "one seed: no interval"
+    assert versus_cell(one) == "+0.1000 (one seed: no interval)"
+    assert spread(0.5, 0.0, 1) == "0.5000" and spread(77.7, 0.0, 1, 1, "%") == "77.7%"
+    assert spread(0.5, 0.01, 3) == "0.5000 ± 0.0100"
+    two = paired_difference([0.5, 0.6], [0.4, 0.45])
+    assert versus_cell(two).startswith("+0.1250 [+0.1000, +0.1500] ahead")

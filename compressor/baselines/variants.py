@@ -306,14 +306,15 @@ def markdown_table(res: dict) -> str:
     cells = ["teacher", f"{t['params'] / 1e6:.1f}M", "1", "0"]
     lines.append("| " + " | ".join(cells + [f"{t['score'][k]:.4f}" for k in tasks]) + " |")
 
+    seeds = next(iter(res["variants"].values()))["seeds"]
+
     def pm(x: dict) -> str:
-        return f"{x['mean']:.4f} ± {x['std']:.4f}"
+        return spread(x["mean"], x["std"], len(seeds))
 
     for name, v in res["variants"].items():
         cells = [name, f"{v['params'] / 1e6:.1f}M", pm(v["similarity_spearman"]),
                  pm(v["discrepancy_final"]), *(pm(v["score"][k]) for k in tasks)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = next(iter(res["variants"].values()))["seeds"]
     lines.append("")
     lines.append(
         f"Mean ± sample std over seeds {seeds}; {res['steps']} steps x {res['batch_size']}"
@@ -325,7 +326,7 @@ def markdown_table(res: dict) -> str:
            if tasks else "")
     )  # fmt: skip
     if "mteb" in res:
-        lines += ["", mteb_markdown(res["mteb"])]
+        lines += ["", mteb_markdown(res["mteb"], len(seeds))]
     return "\n".join(lines) + "\n"
 
 
@@ -333,7 +334,21 @@ def signed(x: float) -> str:
     return f"{x:+.4f}"
 
 
-def mteb_markdown(m: dict) -> str:
+def spread(mean: float, std: float, seeds: int, digits: int = 4, unit: str = "") -> str:
+    """`mean ± std`, or the mean alone over one seed (a spread of one value is not 0: unknown)."""
+    if seeds < 2:
+        return f"{mean:.{digits}f}{unit}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
+
+
+def versus_cell(d: dict) -> str:
+    """A paired difference: mean [interval] verdict (one seed: no interval)."""
+    if d["low"] is None:
+        return f"{signed(d['mean'])} ({d['verdict']})"
+    return f"{signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}] {d['verdict']}"
+
+
+def mteb_markdown(m: dict, seeds: int) -> str:
     """The MTEB-protocol tables: category averages per variant (with retention), HomoDistil
     against each variant paired by seed, and every task."""
     t = m["teacher"]
@@ -345,9 +360,9 @@ def mteb_markdown(m: dict) -> str:
              "| teacher | " + " | ".join(f"{t['categories'][k]:.4f}" for k in cats) + " | 100 |"]  # fmt: skip
     for name, v in m["variants"].items():
         c, r = v["categories"], v["retention"][AVERAGE]
-        cells = [f"{c[k]['mean']:.4f} ± {c[k]['std']:.4f}" for k in cats]
+        cells = [spread(c[k]["mean"], c[k]["std"], seeds) for k in cats]
         lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {r['mean']:.1f} ± {r['std']:.1f}% |")  # fmt: skip
+                     + f" | {spread(r['mean'], r['std'], seeds, 1, '%')} |")  # fmt: skip
     if m["versus"]:
         any_pair = next(iter(next(iter(m["versus"].values())).values()))
         lines += ["", f"**HomoDistil minus each variant**, paired by seed (same seed, same texts):"
@@ -356,8 +371,7 @@ def mteb_markdown(m: dict) -> str:
                   " the noise (the interval holds 0)", "",
                   "| HomoDistil vs | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 1)]  # fmt: skip
         for name, diffs in m["versus"].items():
-            cells = [f"{signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}] {d['verdict']}"
-                     for d in (diffs[k] for k in cats)]  # fmt: skip
+            cells = [versus_cell(diffs[k]) for k in cats]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tasks = list(t["tasks"])
     lines += ["", "**Every task** (main score, mean ± std over seeds)", "",
@@ -366,7 +380,7 @@ def mteb_markdown(m: dict) -> str:
               "|" + "---|" * (len(tasks) + 1),
               "| teacher | " + " | ".join(f"{t['tasks'][k]:.4f}" for k in tasks) + " |"]  # fmt: skip
     for name, v in m["variants"].items():
-        cells = [f"{v['tasks'][k]['mean']:.4f} ± {v['tasks'][k]['std']:.4f}" for k in tasks]
+        cells = [spread(v["tasks"][k]["mean"], v["tasks"][k]["std"], seeds) for k in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
