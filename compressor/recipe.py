@@ -612,9 +612,18 @@ def recipe_differences(made: Recipe, wanted: Recipe) -> list[str]:
     return out
 
 
+# keys that change how fast a run goes, never what it computes (the plan and the scores do not
+# depend on the thread count: tests/test_signal.py, docs/compare/default-recipe.md), so a run made
+# with another value is the same run
+RESULT_NEUTRAL = ("train.threads",)
+
+
 def require_same_recipe(run_dir: Path, wanted: Recipe) -> Path:
-    """The run directory, if it was made with `wanted`; otherwise a RunDirError naming the keys."""
-    if diff := recipe_differences(load_run_recipe(run_dir), wanted):
+    """The run directory, if it was made with `wanted` (keys in RESULT_NEUTRAL aside); otherwise a
+    RunDirError naming the keys."""
+    diff = [d for d in recipe_differences(load_run_recipe(run_dir), wanted)
+            if d.split(":")[0] not in RESULT_NEUTRAL]  # fmt: skip
+    if diff:
         raise RunDirError(
             f"{run_dir} was made with another recipe ({'; '.join(diff[:4])}"
             f"{'; ...' if len(diff) > 4 else ''}): remove it or choose another output directory"

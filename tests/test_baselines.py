@@ -267,8 +267,9 @@ def test_a_recorded_evaluation_is_reused_unless_a_setting_it_used_changed(tmp_pa
 
 
 def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
-    """Re-running a comparison resumes from its finished runs; a run made with another recipe
-    (another lr, a stale output directory) is refused by name, never silently counted."""
+    """Re-running a comparison resumes from its finished runs, whatever thread count it was made
+    with; a run made with another recipe (another lr, a stale output directory) is refused by
+    name, never silently counted."""
     import yaml
 
     from compressor.baselines.variants import run_variant
@@ -280,6 +281,10 @@ def test_a_finished_run_is_reused_only_if_made_with_the_same_recipe(tmp_path):
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe)))
     (run_dir / "summary.json").write_text("{}")
     assert run_variant("homodistil", recipe, tmp_path) == run_dir
+    # the thread count changes the speed, not the result: the run is the same run
+    assert (
+        run_variant("homodistil", with_overrides(recipe, ["train.threads=3"]), tmp_path) == run_dir
+    )
     other = with_overrides(recipe, ["train.lr=1e-4"])
     with pytest.raises(RunDirError, match=r"another recipe \(train\.lr: 1e-07 -> 0\.0001\)"):
         run_variant("homodistil", other, tmp_path)
