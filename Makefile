@@ -40,7 +40,7 @@ results: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/compress baselines recipes/compare-minilm-4L256.yaml \
 		--mteb offline --jobs 2 --set train.threads=1 --out runs/baselines
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python tools/results/budget_curve.py --out runs/budget \
-		--jobs 2 --set train.threads=1 --reuse 1=runs/baselines/runs
+		--baselines one_shot,st_distill --jobs 2 --set train.threads=1 --reuse 1=runs/baselines/runs
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/bench_bert_base.py --out runs/bench-bert-base --rounds 3
 	cp runs/results/results.md docs/compare/default-recipe.md
 	cp runs/baselines/results.md runs/baselines/results.json runs/baselines/discrepancy.png \

@@ -61,6 +61,49 @@ def masked_layer_norm(
     return centred * torch.rsqrt(var + ln.eps) * (ln.weight * m) + ln.bias * m
 
 
+@dataclass(frozen=True)
+class Masking:
+    """What one forward does to every activation under masks: zero the pruned hidden dims,
+    LayerNorm over the kept ones, dropout (0: none). With `masks=None` all three are the stock
+    operations."""
+
+    masks: Masks | None
+    host: HostMasks | None
+    dropout: float
+    hmask: torch.Tensor | None  # the kept hidden dims in the activations' dtype; None: all kept
+    gathered: torch.Tensor | None  # their indices, for the gathered LayerNorm under autocast
+
+    @classmethod
+    def of(cls, masks: Masks | None, host: HostMasks | None, dtype: torch.dtype,
+           device: torch.device, dropout: float) -> Masking:  # fmt: skip
+        if masks is None:
+            return cls(None, None, dropout, None, None)
+        host = host if host is not None else HostMasks.of(masks)
+        if host.all_hidden:
+            return cls(masks, host, dropout, None, None)
+        # bf16: the gathered LayerNorm (masked_layer_norm); fp32: the composite, as it always was
+        autocast = torch.is_autocast_enabled(device.type)
+        gathered = host.hidden_index if autocast else None
+        return cls(masks, host, dropout, masks.hidden.to(dtype), gathered)
+
+    def norm(self, x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        hid = None if self.masks is None else self.masks.hidden
+        return masked_layer_norm(x, ln, hid, self.hmask is None, self.gathered)
+
+    def keep_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.hmask is None else x * self.hmask
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout) if self.dropout else x
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    n_heads: int
+    head_dim: int
+    scale: float  # the config's 1/sqrt(head_dim): a progressively slimmed student keeps it
+
+
 def encode(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -77,88 +120,98 @@ def encode(
     the [B, T, V] logits at them, in that order); without, at every position. `host`:
     `HostMasks.of(masks)`, kept by a caller that runs many steps (read here otherwise)."""
     arch = architecture_for(model)
-    cfg = model.config
-    act = arch.activation(cfg)
-    sizes = arch.sizes(cfg)
+    shape = head_shape(arch.sizes(model.config), masks)
+    emb = arch.embeddings(model)
+    m = Masking.of(masks, host, emb.word.weight.dtype, input_ids.device, dropout)
+
+    x = embed(arch, model, input_ids, token_type_ids, m)
+    bias = attention_bias(arch, model, attention_mask, x.dtype)
+    act = arch.activation(model.config)
+    hidden_states, attentions = [x], []
+    for i in range(arch.num_layers(model)):
+        x, probs = layer_forward(arch.layer(model, i), act, i, x, bias, shape, m)
+        hidden_states.append(x)
+        attentions.append(probs)
+
+    head = arch.mlm_head(model)
+    logits = mlm_logits(head, x, logits_at, m) if with_logits and head is not None else None
+    return EncoderOutput(hidden_states, attentions, logits)
+
+
+def head_shape(sizes: dict, masks: Masks | None) -> HeadShape:
+    """Heads and head size: the config's, or under masks the student's current ones
+    (progressive.py cuts it), with the config's attention scale either way."""
     n_heads = sizes["heads"]
     head_dim = sizes["hidden"] // n_heads
-    scale = 1.0 / math.sqrt(head_dim)  # the config's: a progressively slimmed student keeps it
-    if masks is not None:  # the student's current widths (progressive.py cuts it)
+    scale = 1.0 / math.sqrt(head_dim)
+    if masks is not None:
         n_heads, head_dim = masks.qk.shape[1], masks.qk.shape[2]
-    bsz, seq = input_ids.shape
+    return HeadShape(n_heads, head_dim, scale)
 
+
+def embed(arch, model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+          m: Masking) -> torch.Tensor:  # fmt: skip
+    """Word + position (+ token type) embeddings, LayerNorm over the kept dims, dropout."""
     emb = arch.embeddings(model)
-    hid = masks.hidden if masks is not None else None
-    if masks is not None and host is None:
-        host = HostMasks.of(masks)
-    all_hidden = masks is None or host.all_hidden
-    hmask = None if all_hidden else hid.to(emb.word.weight.dtype)
-    # bf16: the gathered LayerNorm (masked_layer_norm); fp32: the composite, as it always was
-    gathered = None if all_hidden else host.hidden_index
-    if gathered is not None and not torch.is_autocast_enabled(input_ids.device.type):
-        gathered = None
-
-    def norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-        return masked_layer_norm(x, ln, hid, all_hidden, gathered)
-
-    def keep_hidden(x: torch.Tensor) -> torch.Tensor:
-        return x if hmask is None else x * hmask
-
-    def drop(x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, dropout) if dropout else x
-
     positions = arch.position_ids(model, input_ids)
     x = emb.word(input_ids) + emb.position(positions)
     if emb.token_type is not None:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = x + emb.token_type(token_type_ids)
-    x = norm(keep_hidden(x), emb.ln)
-    if dropout:
-        x = F.dropout(x, dropout)
+    x = m.norm(m.keep_hidden(x), emb.ln)
+    return m.drop(x)
 
-    key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-    family_bias = arch.attention_bias(model, seq, input_ids.device)  # [H, T, T] or None
+
+def attention_bias(arch, model: nn.Module, attention_mask: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """What is added to every layer's attention scores: -inf-like at padded keys, plus the
+    family's own bias (MPNet's relative positions), [B or 1, H or 1, T, T]."""
+    seq = attention_mask.shape[1]
+    key_bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    family_bias = arch.attention_bias(model, seq, attention_mask.device)  # [H, T, T] or None
     if family_bias is not None:
-        key_bias = key_bias + family_bias[None].to(x.dtype)
-    hidden_states, attentions = [x], []
-    for i in range(arch.num_layers(model)):
-        t = arch.layer(model, i)
-        q, k, v = t.q(x), t.k(x), t.v(x)
-        if masks is not None:
-            qk_rows, vo_rows = masks.qk_rows(i).to(x.dtype), masks.vo_rows(i).to(x.dtype)
-            q, k, v = q * qk_rows, k * qk_rows, v * vo_rows
+        key_bias = key_bias + family_bias[None].to(dtype)
+    return key_bias
 
-        def heads(z: torch.Tensor) -> torch.Tensor:
-            return z.view(bsz, seq, n_heads, head_dim).transpose(1, 2)
 
-        scores = heads(q) @ heads(k).transpose(-1, -2) * scale + key_bias
-        probs = scores.softmax(-1)
-        dropped = F.dropout(probs, dropout) if dropout else probs
-        context = (dropped @ heads(v)).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
-        a = norm(keep_hidden(drop(t.o(context))) + x, t.attn_ln)
-        inner = act(t.inter(a))
-        if masks is not None:
-            inner = inner * masks.ffn[i].to(inner.dtype)
-        y = norm(keep_hidden(drop(t.out(inner))) + a, t.out_ln)
-        if masks is not None:
-            g = masks.fade[i]
-            if not host.layers[i]:
-                y = x + g * (y - x)  # fading out: fade 0 makes the layer the identity
-            elif g.requires_grad:
-                y = y + (g - g.detach()) * (y - x)  # same value, but dL/dfade for ranking
-        x = y
-        hidden_states.append(x)
-        attentions.append(probs)
+def layer_forward(t, act, i: int, x: torch.Tensor, key_bias: torch.Tensor, shape: HeadShape,
+                  m: Masking) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Layer `i` (the adapter's view `t` of it) under the masks: its output (faded towards its
+    input while it is being removed) and its attention probabilities."""
+    bsz, seq = x.shape[:2]
+    masks = m.masks
+    q, k, v = t.q(x), t.k(x), t.v(x)
+    if masks is not None:
+        qk_rows, vo_rows = masks.qk_rows(i).to(x.dtype), masks.vo_rows(i).to(x.dtype)
+        q, k, v = q * qk_rows, k * qk_rows, v * vo_rows
 
-    logits = None
-    head = arch.mlm_head(model)
-    if with_logits and head is not None:
-        if logits_at is not None:
-            x = x.reshape(bsz * seq, -1).index_select(0, logits_at)
-        z = norm(keep_hidden(head.act(head.dense(x))), head.ln)
-        logits = head.decoder(z)
-    return EncoderOutput(hidden_states, attentions, logits)
+    def heads(z: torch.Tensor) -> torch.Tensor:
+        return z.view(bsz, seq, shape.n_heads, shape.head_dim).transpose(1, 2)
+
+    scores = heads(q) @ heads(k).transpose(-1, -2) * shape.scale + key_bias
+    probs = scores.softmax(-1)
+    context = (m.drop(probs) @ heads(v)).transpose(1, 2).reshape(bsz, seq, -1)
+    a = m.norm(m.keep_hidden(m.drop(t.o(context))) + x, t.attn_ln)
+    inner = act(t.inter(a))
+    if masks is not None:
+        inner = inner * masks.ffn[i].to(inner.dtype)
+    y = m.norm(m.keep_hidden(m.drop(t.out(inner))) + a, t.out_ln)
+    if masks is not None:
+        g = masks.fade[i]
+        if not m.host.layers[i]:
+            y = x + g * (y - x)  # fading out: fade 0 makes the layer the identity
+        elif g.requires_grad:
+            y = y + (g - g.detach()) * (y - x)  # same value, but dL/dfade for ranking
+    return y, probs
+
+
+def mlm_logits(head, x: torch.Tensor, logits_at: torch.Tensor | None, m: Masking) -> torch.Tensor:
+    """The MLM head over every position, or over the flat positions `logits_at` only ([N, V])."""
+    if logits_at is not None:
+        x = x.reshape(-1, x.shape[-1]).index_select(0, logits_at)
+    z = m.norm(m.keep_hidden(head.act(head.dense(x))), head.ln)
+    return head.decoder(z)
 
 
 def mean_pool(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
