@@ -138,6 +138,42 @@ def encode(
     return EncoderOutput(hidden_states, attentions, logits)
 
 
+def encode_without_each(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    masks: Masks,
+    with_logits: bool = False,
+) -> dict[int, EncoderOutput]:
+    """For each layer the masks keep, the final output (last hidden state, logits) with that
+    layer faded out as well: `encode` with its fade at 0, computed once for the layers before it
+    (their outputs do not depend on it), and with no work for the layers faded out (fade 0 makes
+    a layer the identity). A greedy layer removal's round in about half the layer forwards of
+    `encode` per candidate. No dropout, no gradient; `hidden_states` holds the last one only."""
+    arch = architecture_for(model)
+    shape = head_shape(arch.sizes(model.config), masks)
+    m = Masking.of(masks, None, arch.embeddings(model).word.weight.dtype, input_ids.device, 0.0)
+    act = arch.activation(model.config)
+    head = arch.mlm_head(model) if with_logits else None
+    kept = [i for i in range(arch.num_layers(model)) if m.host.layers[i]]
+    x = embed(arch, model, input_ids, None, m)
+    bias = attention_bias(arch, model, attention_mask, x.dtype)
+
+    def through(x: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        for i in layers:
+            x, _ = layer_forward(arch.layer(model, i), act, i, x, bias, shape, m)
+        return x
+
+    inputs = [x]  # the input of each kept layer, with every kept layer before it
+    for i in kept[:-1]:
+        inputs.append(through(inputs[-1], [i]))
+    out = {}
+    for n, i in enumerate(kept):
+        y = through(inputs[n], kept[n + 1 :])
+        out[i] = EncoderOutput([y], [], mlm_logits(head, y, None, m) if head else None)
+    return out
+
+
 def head_shape(sizes: dict, masks: Masks | None) -> HeadShape:
     """Heads and head size: the config's, or under masks the student's current ones
     (progressive.py cuts it), with the config's attention scale either way."""

@@ -29,7 +29,7 @@ from compressor.data import Batch
 from compressor.deploy.export import export_onnx, save_samples
 from compressor.deploy.verify import Tolerance, verify_export
 from compressor.errors import TeacherError
-from compressor.forward import encode
+from compressor.forward import encode, encode_without_each
 from compressor.prune.importance import magnitudes, structure_scores
 from compressor.prune.masks import Masks, prune_to, select_layers
 from compressor.prune.progressive import Units, cut_masks, cut_student
@@ -169,6 +169,28 @@ def family_tokenizer(model, packaged_tokenizer, where):
         cfg["model_input_names"] = ["input_ids", "attention_mask"]
     cfg_file.write_text(json.dumps(cfg))
     return AutoTokenizer.from_pretrained(where)
+
+
+@pytest.mark.parametrize("mlm", [False, True], ids=["encoder", "mlm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_removal_round_computes_what_fading_each_layer_out_does(family, mlm):
+    """The greedy layer removal's shortcut (encode_without_each: the layers before a candidate
+    run once, faded-out layers not at all) gives bit for bit `encode` with that layer's fade at
+    0, for every candidate: with every layer kept, and with one already out and widths pruned."""
+    model = tiny(family, mlm=mlm, sharp=40.0)
+    ids, att = batch_for(model)
+    for masks in (Masks.full(FULL), random_masks(model, 1)):
+        with torch.no_grad():
+            got = encode_without_each(model, ids, att, masks, with_logits=mlm)
+            assert sorted(got) == masks.layers.nonzero().flatten().tolist()
+            for i, out in got.items():
+                kept = masks.layers.clone()
+                kept[i] = False
+                trial = replace(masks, layers=kept, fade=kept.to(masks.fade))
+                want = encode(model, ids, att, trial, with_logits=mlm)
+                assert torch.equal(out.hidden_states[-1], want.hidden_states[-1])
+                if mlm:
+                    assert torch.equal(out.logits, want.logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -136,19 +136,18 @@ def select_layers(layer_scores: torch.Tensor, keep: int, how: str) -> torch.Tens
 
 
 def greedy_layer_removal(
-    n: int, keep: int, cost: Callable[[torch.Tensor], float]
+    n: int, keep: int, round_costs: Callable[[torch.Tensor], dict[int, float]]
 ) -> tuple[torch.Tensor, list[dict[int, float]]]:
-    """Backward elimination: remove, one at a time, the layer whose removal costs least (`cost`
-    of the kept set, lower is better) until `keep` remain. Ties go to the higher index. Returns
-    the kept mask and every round's cost per candidate layer (the evidence of the decision)."""
+    """Backward elimination: remove, one at a time, the layer whose removal costs least until
+    `keep` remain. `round_costs(kept)`: for each kept layer, the cost (lower is better) of the kept
+    set without it. Ties go to the higher index. Returns the kept mask and every round's cost per
+    candidate layer (the evidence of the decision)."""
     kept = torch.ones(n, dtype=torch.bool)
     rounds = []
     while int(kept.sum()) > keep:
-        costs = {}
-        for i in kept.nonzero().flatten().tolist():
-            trial = kept.clone()
-            trial[i] = False
-            costs[i] = float(cost(trial))
+        costs = {int(i): float(c) for i, c in round_costs(kept.clone()).items()}
+        if sorted(costs) != kept.nonzero().flatten().tolist():
+            raise ValueError(f"round costs for layers {sorted(costs)}, kept {kept.tolist()}")
         drop = min(costs, key=lambda i: (costs[i], -i))
         kept[drop] = False
         rounds.append(costs)

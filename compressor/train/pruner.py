@@ -16,7 +16,7 @@ from compressor import distributed
 from compressor.checks import check_progressive_slim
 from compressor.data import Batch, Corpus
 from compressor.errors import CheckFailed
-from compressor.forward import EncoderOutput, encode
+from compressor.forward import EncoderOutput, encode, encode_without_each
 from compressor.losses import prediction_kl, representation_cosine
 from compressor.prune.importance import (
     entry_scores,
@@ -231,32 +231,34 @@ class Pruner:
         targets = [teacher.encode(b) for b in batches]
         masks = state.masks
 
-        def cost(kept: torch.Tensor) -> float:
-            """Discrepancy of the final output with the other layers faded out (forward only);
-            rank 0's, so that every process takes the same decision."""
+        def round_costs(kept: torch.Tensor) -> dict[int, float]:
+            """Per kept layer, the discrepancy of the final output with it and the other layers
+            faded out (forward only); rank 0's, so that every process takes the same decision."""
             trial = replace(masks, layers=kept.to(self.device), fade=kept.to(masks.fade))
             with torch.no_grad():
-                value = sum(
-                    output_discrepancy(teacher, state.student, trial, b, t)
-                    for b, t in zip(batches, targets, strict=True)
-                ) / len(batches)
-            return distributed.from_main(value)
+                per_batch = [without_each_discrepancy(teacher, state.student, trial, b, t)
+                             for b, t in zip(batches, targets, strict=True)]  # fmt: skip
+            return {i: distributed.from_main(sum(d[i] for d in per_batch) / len(batches))
+                    for i in per_batch[0]}  # fmt: skip
 
-        kept, rounds = greedy_layer_removal(masks.layers.numel(), keep, cost)
+        kept, rounds = greedy_layer_removal(masks.layers.numel(), keep, round_costs)
         return kept, {"layer_removal_costs": rounds}
 
 
-def output_discrepancy(
+def without_each_discrepancy(
     teacher: Teacher, student: torch.nn.Module, masks: Masks, batch: Batch, t: EncoderOutput
-) -> float:
-    """Map-free discrepancy of the final output at the teacher's width: KL of MLM predictions,
-    or 1 - cosine of the mean-pooled sentence embeddings."""
-    s = encode(student, batch.input_ids, batch.attention_mask, masks,
-               with_logits=teacher.has_mlm_head)  # fmt: skip
+) -> dict[int, float]:
+    """For each layer the masks keep, the map-free discrepancy of the final output at the
+    teacher's width with that layer faded out too: KL of MLM predictions, or 1 - cosine of the
+    mean-pooled sentence embeddings."""
+    outs = encode_without_each(student, batch.input_ids, batch.attention_mask, masks,
+                               with_logits=teacher.has_mlm_head)  # fmt: skip
     if teacher.has_mlm_head:
-        return float(prediction_kl(t.logits, s.logits, batch.attention_mask.bool(), 1.0))
-    return float(representation_cosine(s.hidden_states[-1], t.hidden_states[-1],
-                                       batch.attention_mask))  # fmt: skip
+        mask = batch.attention_mask.bool()
+        return {i: float(prediction_kl(t.logits, s.logits, mask, 1.0)) for i, s in outs.items()}
+    return {i: float(representation_cosine(s.hidden_states[-1], t.hidden_states[-1],
+                                           batch.attention_mask))
+            for i, s in outs.items()}  # fmt: skip
 
 
 def rank_structures(
