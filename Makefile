@@ -33,18 +33,25 @@ test-fast: $(STAMP)
 # Every number in docs/results.md, from scratch (hours on a 2-core CPU; re-running resumes):
 # the default recipe over 3 seeds x {1, 2} threads with the plan under perturbations; the
 # comparison with the baselines on the offline MTEB-protocol suite (two 1-thread runs at a time);
-# the budget curve (its x1 runs are the comparison's); the latency and int8 benchmark. The tables and plots
+# the budget curve (its x1 runs are the comparison's); one-shot and st_distill beside HomoDistil at
+# x1 and x4 (the runs of the two steps before, plus the rivals' x4 runs); the latency and int8
+# benchmark. The tables and plots
 # docs/results.md shows are copied into docs/compare/.
 results: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/results.py --out runs/results --threads 1,2 --perturb
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/compress baselines recipes/compare-minilm-4L256.yaml \
 		--mteb offline --jobs 2 --set train.threads=1 --out runs/baselines
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python tools/results/budget_curve.py --out runs/budget \
-		--baselines one_shot,st_distill --jobs 2 --set train.threads=1 --reuse 1=runs/baselines/runs
+		--jobs 2 --set train.threads=1 --reuse 1=runs/baselines/runs
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python tools/results/budget_curve.py --out runs/budget-rivals \
+		--factors 1,4 --baselines one_shot,st_distill --jobs 2 --set train.threads=1 \
+		--reuse 1=runs/baselines/runs --reuse 4=runs/budget/x4/runs
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/results/bench_bert_base.py --out runs/bench-bert-base --rounds 3
 	cp runs/results/results.md docs/compare/default-recipe.md
 	cp runs/baselines/results.md runs/baselines/results.json runs/baselines/discrepancy.png \
 		runs/baselines/mteb_categories.png runs/budget/budget.md runs/budget/budget.png docs/compare/
+	cp runs/budget-rivals/budget.md docs/compare/budget-rivals.md
+	cp runs/budget-rivals/budget.png docs/compare/budget-rivals.png
 	cp runs/bench-bert-base/benchmark.json docs/compare/bench-bert-base.json
 
 # the reliability suite with thousands of fuzzed inputs (tests/reliability/conftest.py: profiles),
