@@ -598,15 +598,17 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return parse_recipe(raw, str(path))
 
 
-def recipe_differences(made: Recipe, wanted: Recipe) -> list[str]:
-    """`section.key: made -> wanted` for every key where two resolved recipes differ."""
+def recipe_differences(made: Recipe, wanted: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`section.key: made -> wanted` for every key where two resolved recipes differ, the
+    `section.key`s in `ignore` aside."""
     a, b = recipe_to_dict(made), recipe_to_dict(wanted)
     out = []
     for section in sorted(a.keys() | b.keys()):
         x, y = a.get(section), b.get(section)
         if isinstance(x, dict) and isinstance(y, dict):
             out += [f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
-                    for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]  # fmt: skip
+                    for k in sorted(x.keys() | y.keys())
+                    if x.get(k) != y.get(k) and f"{section}.{k}" not in ignore]  # fmt: skip
         elif x != y:
             out.append(f"{section}: {x!r} -> {y!r}")
     return out
@@ -621,9 +623,7 @@ RESULT_NEUTRAL = ("train.threads",)
 def require_same_recipe(run_dir: Path, wanted: Recipe) -> Path:
     """The run directory, if it was made with `wanted` (keys in RESULT_NEUTRAL aside); otherwise a
     RunDirError naming the keys."""
-    diff = [d for d in recipe_differences(load_run_recipe(run_dir), wanted)
-            if d.split(":")[0] not in RESULT_NEUTRAL]  # fmt: skip
-    if diff:
+    if diff := recipe_differences(load_run_recipe(run_dir), wanted, ignore=RESULT_NEUTRAL):
         raise RunDirError(
             f"{run_dir} was made with another recipe ({'; '.join(diff[:4])}"
             f"{'; ...' if len(diff) > 4 else ''}): remove it or choose another output directory"
